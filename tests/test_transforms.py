@@ -19,7 +19,7 @@ def test_dequantised_values_stay_in_their_bins(centered, lo, hi, levels):
     n = frac.numel()
     assert abs(float(frac.mean()) - 0.5) < 4 * (1 / 12) ** 0.5 / n**0.5
     centres = uniform_dequantize(k, levels, centered, noise=False, dtype=torch.float64)
-    assert torch.allclose(from_model_scale(centres, centered), (k + 0.5) / levels)
+    assert torch.allclose(from_model_scale(centres, centered), (k.double() + 0.5) / levels)
 
 
 def test_scalers_round_trip():
