@@ -1,5 +1,32 @@
 """Data: toy 2-D sets, the embedded digits, standard archives, scalers and dequantisation."""
 
+from .archives import default_root, load_cifar10, load_mnist, read_idx
+from .datasets import DATASET_NAMES, SPLITS, TOY_SPLIT_SIZES, DataSet, load_dataset
+from .digits import DIGITS_LEVELS, load_digits_split
+from .toy import checkerboard, default_gmm, eight_gaussians, eight_gaussians_gmm, swiss_roll, two_moons
 from .transforms import from_model_scale, random_hflip, scale_affine, to_model_scale, uniform_dequantize
 
-__all__ = ["from_model_scale", "random_hflip", "scale_affine", "to_model_scale", "uniform_dequantize"]
+__all__ = [
+    "DataSet",
+    "load_dataset",
+    "DATASET_NAMES",
+    "SPLITS",
+    "TOY_SPLIT_SIZES",
+    "swiss_roll",
+    "two_moons",
+    "eight_gaussians",
+    "eight_gaussians_gmm",
+    "checkerboard",
+    "default_gmm",
+    "DIGITS_LEVELS",
+    "load_digits_split",
+    "load_cifar10",
+    "load_mnist",
+    "read_idx",
+    "default_root",
+    "from_model_scale",
+    "random_hflip",
+    "scale_affine",
+    "to_model_scale",
+    "uniform_dequantize",
+]
