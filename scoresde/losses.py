@@ -1,0 +1,317 @@
+"""Training losses: continuous denoising score matching, discrete DDPM and SMLD.
+
+Continuous DSM (Song et al. 2021, eq. 7), with ``x_t = m(t) x_0 + s(t) z``::
+
+    J(theta) = E_{t ~ U(eps, T)} E_{x_0, z} [ lambda(t) || score(x_t, t) + z / s(t) ||^2 ]
+             = E [ lambda(t) / s(t)^2 || eps_hat(x_t, t) - z ||^2 ],   eps_hat = -s score
+
+* ``weighting="default"``: ``lambda = s^2`` -> ``|| eps_hat - z ||^2`` (the ε-MSE for VP);
+* ``weighting="likelihood"``: ``lambda = g^2`` (Song, Durkan, Murray, Ermon 2021) -> ``(g/s)^2 || eps_hat - z ||^2``.
+
+``reduce="mean"`` averages the squared error over the non-batch dimensions (score_sde's
+``reduce_mean=True``), ``"sum"`` sums it; the result is then averaged over the batch.
+Every loss draws its random numbers from ``generator`` (torch's global state if ``None``) in a
+documented order, and has a ``*_per_sample`` twin that takes those numbers explicitly and
+returns the per-sample losses ``(B,)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .model import ScoreModel
+from .sde import SDE, VESDE, VPSDE, batch_broadcast
+
+__all__ = [
+    "WEIGHTINGS",
+    "REDUCES",
+    "dsm_loss",
+    "dsm_per_sample",
+    "ddpm_loss",
+    "ddpm_per_sample",
+    "smld_loss",
+    "smld_per_sample",
+    "likelihood_importance_proposal",
+    "sample_importance_t",
+    "get_loss_fn",
+]
+
+WEIGHTINGS = ("default", "likelihood")
+REDUCES = ("mean", "sum")
+LossFn = Callable[[ScoreModel, torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+# --- validation and random numbers ------------------------------------------------------
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+    return value
+
+
+def _check_model(model, need=None, continuous=None):
+    if not isinstance(model, ScoreModel):
+        raise TypeError(f"model must be a scoresde.model.ScoreModel; got {type(model).__name__}")
+    if need is not None and not isinstance(model.sde, need):
+        raise TypeError(f"this loss needs a model on a {need.__name__}; got {type(model.sde).__name__}")
+    if continuous is not None and model.continuous != continuous:
+        raise ValueError(f"this loss needs a model with continuous={continuous}; got continuous={model.continuous}")
+
+
+def _check_x0(x0):
+    if not torch.is_tensor(x0) or not x0.dtype.is_floating_point or x0.dim() < 1 or x0.shape[0] < 1:
+        desc = f"{x0.dtype} {tuple(x0.shape)}" if torch.is_tensor(x0) else type(x0).__name__
+        raise ValueError(f"x0 must be a floating tensor of shape (B, ...) with B >= 1; got {desc}")
+
+
+def _check_eps(eps, T):
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < T):
+        raise ValueError(f"eps must be a number in (0, T) = (0, {T}); got {eps!r}")
+    return float(eps)
+
+
+def _gen_device(generator, like):
+    return generator.device if generator is not None else like.device
+
+
+def _rand(n, generator, like):
+    """``U[0, 1)`` of shape ``(n,)`` drawn on the generator's device, returned on ``like``'s device and dtype."""
+    return torch.rand(n, generator=generator, device=_gen_device(generator, like), dtype=like.dtype).to(like.device)
+
+
+def _randn(shape, generator, like):
+    return torch.randn(shape, generator=generator, device=_gen_device(generator, like), dtype=like.dtype).to(like.device)
+
+
+def _randint(high, n, generator, like):
+    return torch.randint(0, high, (n,), generator=generator, device=_gen_device(generator, like)).to(like.device)
+
+
+def _reduce(sq: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Mean or sum of ``sq`` ``(B, ...)`` over the non-batch dimensions -> ``(B,)``."""
+    flat = sq.reshape(sq.shape[0], -1)
+    return flat.mean(dim=1) if reduce == "mean" else flat.sum(dim=1)
+
+
+# --- continuous DSM -------------------------------------------------------------------------
+def dsm_per_sample(
+    model: ScoreModel, x0: torch.Tensor, t: torch.Tensor, z: torch.Tensor, weighting: str = "default", reduce: str = "mean"
+) -> torch.Tensor:
+    """Per-sample DSM loss ``lambda(t)/s(t)^2 * reduce(|| eps_hat(x_t, t) - z ||^2)`` with ``x_t = m(t) x0 + s(t) z``.
+
+    ``lambda = s^2`` (``"default"``) or ``g^2`` (``"likelihood"``). ``x0``, ``z`` ``(B, ...)``, ``t`` ``(B,)`` -> ``(B,)``.
+    """
+    _check_model(model, continuous=True)
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    _check_choice("reduce", reduce, REDUCES)
+    if z.shape != x0.shape:
+        raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
+    sde = model.sde
+    m, s = sde.marginal_coef(t)
+    x_t = batch_broadcast(m, x0) * x0 + batch_broadcast(s, x0) * z
+    per = _reduce((model.eps_fn(x_t, t) - z) ** 2, reduce)
+    if weighting == "likelihood":
+        _, g = sde.sde(x_t, t)
+        per = per * (g / s) ** 2
+    return per
+
+
+def likelihood_importance_proposal(sde: SDE, eps: float = 1e-5, n_grid: int = 2001):
+    """Tabulated proposal ``q(t) ∝ g(t)^2 / s(t)^2`` on ``[eps, T]`` for importance sampling the likelihood weighting.
+
+    Under ``q`` the likelihood-weighted integrand ``g^2 ||score + z/s||^2 = (g/s)^2 ||eps_hat - z||^2`` becomes
+    ``||eps_hat - z||^2`` times a constant, removing the ``1/t`` blow-up of ``(g/s)^2`` near ``t = 0`` (VP).
+    The density in ``u = log t`` (smooth for VP, sub-VP and VE) is integrated by the trapezoid rule on a
+    uniform ``u``-grid of ``n_grid`` points (float64); the proposal actually sampled is the piecewise-linear
+    CDF through those points, i.e. piecewise-constant density in ``u``.
+
+    Returns ``(u, cdf)``: float64 tensors ``(n_grid,)``, ``cdf[0] = 0``, ``cdf[-1] = 1``.
+    """
+    eps = _check_eps(eps, sde.T)
+    u = torch.linspace(math.log(eps), math.log(sde.T), n_grid, dtype=torch.float64)
+    t = torch.exp(u)
+    _, g = sde.sde(torch.zeros(n_grid, 1, dtype=torch.float64), t)
+    _, s = sde.marginal_coef(t)
+    f = (g / s) ** 2 * t  # density in u, up to normalisation
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(0.5 * (f[1:] + f[:-1]) * (u[1:] - u[:-1]), 0)])
+    return u, cdf / cdf[-1]
+
+
+def sample_importance_t(
+    sde: SDE, n: int, generator: torch.Generator | None = None, eps: float = 1e-5, like: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``t ~ q`` (``likelihood_importance_proposal``) by inverse CDF; returns ``(t, q(t))``, each ``(n,)``.
+
+    One ``U[0, 1)`` per sample from ``generator``; ``U`` falls in grid cell ``k`` and
+    ``u = u_k + (U - C_k) / (C_{k+1} - C_k) (u_{k+1} - u_k)``, ``t = e^u``; the density actually sampled is
+    ``q(t) = (C_{k+1} - C_k) / ((u_{k+1} - u_k) t)``, so ``E_q[h(t) / q(t)] = int_eps^T h(t) dt`` exactly.
+    Results are on ``like``'s device and dtype (float64 CPU if ``like`` is None).
+    """
+    like = torch.zeros((), dtype=torch.float64) if like is None else like
+    u_grid, cdf = likelihood_importance_proposal(sde, eps)
+    U = _rand(n, generator, like).to(device="cpu", dtype=torch.float64)
+    k = torch.searchsorted(cdf, U, right=True).clamp(1, len(cdf) - 1) - 1
+    dC = cdf[k + 1] - cdf[k]
+    du = u_grid[k + 1] - u_grid[k]
+    u = u_grid[k] + (U - cdf[k]) / dC * du
+    t = torch.exp(u).clamp(eps, sde.T)
+    q = dC / du / t
+    return t.to(device=like.device, dtype=like.dtype), q.to(device=like.device, dtype=like.dtype)
+
+
+def dsm_loss(
+    model: ScoreModel,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    eps: float = 1e-5,
+    weighting: str = "default",
+    importance_sampling: bool = False,
+    reduce: str = "mean",
+) -> torch.Tensor:
+    """Continuous denoising score matching (module docstring), a scalar: the batch mean of ``dsm_per_sample``.
+
+    Draws, in order: ``t`` ``(B,)`` then ``z ~ N(0, I)`` shaped like ``x0``. Without importance sampling
+    ``t ~ U(eps, T)``. With ``importance_sampling`` (only for ``weighting="likelihood"``) ``t ~ q(t) ∝ g^2/s^2``
+    (``sample_importance_t``) and each per-sample loss is multiplied by ``1 / ((T - eps) q(t))``, so the
+    estimator has the same expectation as the uniform-``t`` likelihood-weighted loss and lower variance.
+    ``x0`` ``(B, ...)`` -> scalar.
+    """
+    _check_model(model, continuous=True)
+    _check_x0(x0)
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    _check_choice("reduce", reduce, REDUCES)
+    if not isinstance(importance_sampling, bool):
+        raise TypeError(f"importance_sampling must be a bool; got {importance_sampling!r}")
+    if importance_sampling and weighting != "likelihood":
+        raise ValueError("importance_sampling=True needs weighting='likelihood' (it samples t ∝ g^2/s^2)")
+    sde = model.sde
+    eps = _check_eps(eps, sde.T)
+    B = x0.shape[0]
+    if importance_sampling:
+        t, q = sample_importance_t(sde, B, generator, eps, like=x0)
+    else:
+        t = eps + (sde.T - eps) * _rand(B, generator, x0)
+    z = _randn(x0.shape, generator, x0)
+    per = dsm_per_sample(model, x0, t, z, weighting, reduce)
+    if importance_sampling:
+        per = per / ((sde.T - eps) * q)
+    return per.mean()
+
+
+# --- discrete losses ---------------------------------------------------------------------------
+def ddpm_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """Per-sample DDPM loss ``reduce(|| eps_hat(x_i, i) - z ||^2)``, ``x_i = sqrt(abar_i) x0 + sqrt(1 - abar_i) z``.
+
+    ``eps_hat = model.ddpm_eps_fn()`` (a continuous VP model is evaluated at ``model.ddpm_time(i)``).
+    ``x0``, ``z`` ``(B, ...)``, ``i`` ``(B,)`` long -> ``(B,)``.
+    """
+    _check_model(model, need=VPSDE)
+    _check_choice("reduce", reduce, REDUCES)
+    if z.shape != x0.shape:
+        raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
+    ab = model.sde.alphas_cumprod.to(x0.device)[i].to(x0.dtype)
+    x_i = batch_broadcast(torch.sqrt(ab), x0) * x0 + batch_broadcast(torch.sqrt(1.0 - ab), x0) * z
+    return _reduce((model.ddpm_eps_fn()(x_i, i) - z) ** 2, reduce)
+
+
+def ddpm_loss(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None, reduce: str = "mean") -> torch.Tensor:
+    """Discrete DDPM loss (Ho et al. 2020, L_simple): batch mean of ``ddpm_per_sample``; scalar.
+
+    Draws, in order: ``i ~ U{0, ..., N-1}`` ``(B,)`` then ``z ~ N(0, I)`` shaped like ``x0`` ``(B, ...)``.
+    """
+    _check_model(model, need=VPSDE)
+    _check_x0(x0)
+    _check_choice("reduce", reduce, REDUCES)
+    i = _randint(model.sde.N, x0.shape[0], generator, x0)
+    z = _randn(x0.shape, generator, x0)
+    return ddpm_per_sample(model, x0, i, z, reduce).mean()
+
+
+def smld_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """Per-sample SMLD loss ``sigma_i^2 reduce(|| score(x, t_i) + z / sigma_i ||^2)``, ``x = x0 + sigma_i z``.
+
+    ``sigma_i = sde.discrete_sigmas[i]`` (increasing in ``i``) and ``t_i = i T / (N - 1)``, at which
+    ``sigma(t_i) = sigma_i`` and ``discrete_timestep(t_i) = i`` (so discrete and continuous VE models agree).
+    ``x0``, ``z`` ``(B, ...)``, ``i`` ``(B,)`` long -> ``(B,)``.
+    """
+    _check_model(model, need=VESDE)
+    _check_choice("reduce", reduce, REDUCES)
+    if z.shape != x0.shape:
+        raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
+    sde = model.sde
+    sigma = sde.discrete_sigmas.to(x0.device)[i].to(x0.dtype)
+    x = x0 + batch_broadcast(sigma, x0) * z
+    t = i.to(x0.dtype) * (sde.T / max(sde.N - 1, 1))
+    score = model.score_fn(x, t)
+    return sigma**2 * _reduce((score + z / batch_broadcast(sigma, x0)) ** 2, reduce)
+
+
+def smld_loss(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None, reduce: str = "mean") -> torch.Tensor:
+    """Discrete SMLD / NCSN loss (Song & Ermon 2019) with ``sigma_i^2`` weighting: batch mean of ``smld_per_sample``.
+
+    Draws, in order: ``i ~ U{0, ..., N-1}`` ``(B,)`` then ``z ~ N(0, I)`` shaped like ``x0``. Scalar.
+    """
+    _check_model(model, need=VESDE)
+    _check_x0(x0)
+    _check_choice("reduce", reduce, REDUCES)
+    i = _randint(model.sde.N, x0.shape[0], generator, x0)
+    z = _randn(x0.shape, generator, x0)
+    return smld_per_sample(model, x0, i, z, reduce).mean()
+
+
+# --- factory -----------------------------------------------------------------------------------
+def get_loss_fn(
+    sde: SDE,
+    continuous: bool = True,
+    weighting: str = "default",
+    importance_sampling: bool = False,
+    reduce: str = "mean",
+    eps: float = 1e-5,
+) -> LossFn:
+    """``loss_fn(model, x0, generator=None) -> scalar``: ``dsm_loss`` if ``continuous``, else ``ddpm_loss``
+    (VPSDE) or ``smld_loss`` (VESDE). All arguments are validated here, before any training starts;
+    the returned function checks that ``model.sde`` is (a copy of) ``sde``.
+    """
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be a scoresde.sde.SDE; got {type(sde).__name__}")
+    if not isinstance(continuous, bool):
+        raise TypeError(f"continuous must be a bool; got {continuous!r}")
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    _check_choice("reduce", reduce, REDUCES)
+    if not isinstance(importance_sampling, bool):
+        raise TypeError(f"importance_sampling must be a bool; got {importance_sampling!r}")
+    if importance_sampling and weighting != "likelihood":
+        raise ValueError("importance_sampling=True needs weighting='likelihood'")
+    eps = _check_eps(eps, sde.T)
+    if not continuous:
+        if not isinstance(sde, (VPSDE, VESDE)):
+            raise ValueError(f"continuous=False needs a VPSDE (DDPM loss) or VESDE (SMLD loss); got {type(sde).__name__}")
+        if weighting != "default" or importance_sampling:
+            raise ValueError("weighting and importance_sampling apply to the continuous loss only (continuous=True)")
+
+    def check(model):
+        _check_model(model)
+        if model.sde is not sde and repr(model.sde) != repr(sde):
+            raise ValueError(f"model.sde {model.sde!r} differs from the loss's sde {sde!r}")
+
+    if continuous:
+
+        def loss_fn(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            check(model)
+            return dsm_loss(model, x0, generator, eps, weighting, importance_sampling, reduce)
+
+    elif isinstance(sde, VPSDE):
+
+        def loss_fn(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            check(model)
+            return ddpm_loss(model, x0, generator, reduce)
+
+    else:
+
+        def loss_fn(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+            check(model)
+            return smld_loss(model, x0, generator, reduce)
+
+    return loss_fn

@@ -1,0 +1,12 @@
+"""Score networks: time embeddings, a residual MLP for vectors, a DDPM++-style U-Net for images.
+
+Every network is ``net(x, t_in) -> tensor like x`` where ``t_in`` (shape ``(B,)``) is the network time
+chosen by ``scoresde.model.ScoreModel.net_time``; the network does not know what its output means
+(ε, score, ...): ``ScoreModel`` does.
+"""
+
+from .layers import GaussianFourierEmbedding, SinusoidalEmbedding, group_count
+from .mlp import MLPScoreNet
+from .unet import UNet
+
+__all__ = ["SinusoidalEmbedding", "GaussianFourierEmbedding", "MLPScoreNet", "UNet", "group_count"]
