@@ -172,7 +172,8 @@ class ScoreModel(nn.Module):
         For a VP SDE ``m^2 + s^2 = 1``, so equal log-SNR means ``(m(t_i), s(t_i)) = (sqrt(abar_i), sqrt(1 - abar_i))``.
         Solved by ``sde.t_from_log_snr`` in float64 and clamped to ``[0, T]``: with the default linear schedule
         (N = 1000) ``abar_i < m(T)^2`` for the last four steps ``i >= 996``, which therefore map to ``T``
-        (``m`` then differs from ``sqrt(abar_i)`` by at most 2.2e-4). ``i`` ``(B,)`` long -> ``(B,)``.
+        (``m`` then differs from ``sqrt(abar_i)`` by at most 2.2e-4); with the cosine schedule the last step
+        (``beta_999`` clipped to 0.999) maps to ``T``. ``i`` ``(B,)`` long -> ``(B,)``.
         """
         if not isinstance(self.sde, VPSDE):
             raise TypeError(f"DDPM steps need a VPSDE; got {type(self.sde).__name__}")
