@@ -283,8 +283,9 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
 CORRECTORS = ("langevin", "annealed_langevin", "none")
-ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "euler", "midpoint", "rk4", "scipy_rk45")
-DPM_SCHEDULES = ("time_uniform", "logSNR", "karras")
+ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "scipy_rk45")
+FIXED_ODE_METHODS = ("euler", "midpoint", "rk4")
+SCHEDULES = ("time_uniform", "logSNR", "karras")
 
 
 def _check_steps(p, steps):
@@ -299,7 +300,10 @@ def _check_eps(p, eps):
 
 @dataclass
 class PCSamplerConfig:
-    """Predictor-corrector sampling (``sample(method="pc", ...)``); ``steps=null`` means ``sde.N``."""
+    """Predictor-corrector sampling (``sample(method="pc", ...)``); ``steps=null`` means ``sde.N``.
+
+    ``eps=null``: the sampler's default end time (1e-3 for VP/sub-VP, 1e-5 for VE).
+    """
 
     method: str = "pc"
     steps: Optional[int] = None
@@ -318,6 +322,8 @@ class PCSamplerConfig:
         _choice(p, "corrector", self.corrector, CORRECTORS)
         if self.predictor == "none" and self.corrector == "none":
             raise ConfigError(f"{p}.predictor and {p}.corrector cannot both be 'none'")
+        if self.probability_flow and self.predictor not in ("euler_maruyama", "reverse_diffusion"):
+            raise ConfigError(f"{p}.probability_flow=true needs {p}.predictor in ['euler_maruyama', 'reverse_diffusion']; got {self.predictor!r}")
         _positive(p, "snr", self.snr)
         _int_at_least(p, "n_steps", self.n_steps, 1)
         _check_eps(p, self.eps)
@@ -325,12 +331,12 @@ class PCSamplerConfig:
 
 @dataclass
 class LangevinSamplerConfig:
-    """Annealed Langevin dynamics over the noise levels (``sample(method="langevin", ...)``)."""
+    """Annealed Langevin dynamics over the noise levels (``sample(method="langevin", ...)``), NCSN's sampler."""
 
     method: str = "langevin"
-    steps: Optional[int] = None
+    steps: Optional[int] = 100
     snr: float = 0.16
-    n_steps: int = 1
+    n_steps: int = 10
     denoise: bool = True
     eps: Optional[float] = None
 
@@ -344,53 +350,68 @@ class LangevinSamplerConfig:
 
 @dataclass
 class ODESamplerConfig:
-    """Probability-flow ODE (torchdiffeq, or scipy RK45); ``steps`` only for fixed-grid methods."""
+    """Probability-flow ODE (torchdiffeq, or scipy RK45); ``steps`` only for the fixed-grid methods.
+
+    ``error_norm="per_sample"`` controls every sample's error (the batch is not one averaged state).
+    """
 
     method: str = "ode"
     steps: Optional[int] = None
     ode_method: str = "dopri5"
     rtol: float = 1e-5
     atol: float = 1e-5
+    error_norm: str = "per_sample"
     denoise: bool = False
     eps: Optional[float] = None
 
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "ode")
         _check_steps(p, self.steps)
-        _choice(p, "ode_method", self.ode_method, ODE_METHODS)
-        if self.ode_method in ("euler", "midpoint", "rk4") and self.steps is None:
+        _choice(p, "ode_method", self.ode_method, ADAPTIVE_ODE_METHODS + FIXED_ODE_METHODS)
+        if self.ode_method in FIXED_ODE_METHODS and self.steps is None:
             raise ConfigError(f"{p}.steps must be set (an integer >= 1) for the fixed-grid ode_method={self.ode_method!r}")
+        if self.ode_method in ADAPTIVE_ODE_METHODS and self.steps is not None:
+            raise ConfigError(f"{p}.steps must be null for the adaptive ode_method={self.ode_method!r} (set {p}.rtol/{p}.atol; "
+                              f"or pick a fixed-grid ode_method in {list(FIXED_ODE_METHODS)})")
         _positive(p, "rtol", self.rtol)
         _positive(p, "atol", self.atol)
+        _choice(p, "error_norm", self.error_norm, ("per_sample", "batch"))
         _check_eps(p, self.eps)
 
 
 @dataclass
 class DDIMSamplerConfig:
-    """DDIM with ``eta`` (0: deterministic; 1: DDPM-like) for VP and sub-VP."""
+    """DDIM with ``eta`` in [0, 1] (0: deterministic; 1: DDPM-like) for VP and sub-VP."""
 
     method: str = "ddim"
     steps: Optional[int] = 50
     eta: float = 0.0
+    schedule: str = "time_uniform"
+    rho: float = 7.0
     denoise: bool = False
     eps: Optional[float] = None
 
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "ddim")
         _check_steps(p, self.steps)
-        _positive(p, "eta", self.eta, allow_zero=True)
+        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
+            raise ConfigError(f"{p}.eta must lie in [0, 1]; got {self.eta!r}")
+        _choice(p, "schedule", self.schedule, SCHEDULES)
+        _positive(p, "rho", self.rho)
         _check_eps(p, self.eps)
 
 
 @dataclass
 class DPMSolverSamplerConfig:
-    """DPM-Solver of ``order`` 1-3, single- or multistep, for VP and sub-VP."""
+    """DPM-Solver of ``order`` 1-3, single- or multistep, for VP and sub-VP (lower order in the last steps)."""
 
     method: str = "dpm_solver"
     steps: Optional[int] = 20
     order: int = 3
     multistep: bool = True
     schedule: str = "logSNR"
+    rho: float = 7.0
+    lower_order_final: bool = True
     denoise: bool = False
     eps: Optional[float] = None
 
@@ -398,22 +419,27 @@ class DPMSolverSamplerConfig:
         _check_method_name(_name(p, "method"), self.method, "dpm_solver")
         _check_steps(p, self.steps)
         _choice(p, "order", self.order, (1, 2, 3))
-        _choice(p, "schedule", self.schedule, DPM_SCHEDULES)
+        _choice(p, "schedule", self.schedule, SCHEDULES)
+        _positive(p, "rho", self.rho)
         _check_eps(p, self.eps)
 
 
 @dataclass
 class HeunSamplerConfig:
-    """Heun's 2nd-order method in the EDM sigma-parameterisation (any SDE)."""
+    """Heun's 2nd-order method in the EDM sigma-parameterisation (any SDE), Karras steps with ``rho``."""
 
     method: str = "heun"
     steps: Optional[int] = 18
+    schedule: str = "karras"
+    rho: float = 7.0
     denoise: bool = False
     eps: Optional[float] = None
 
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "heun")
         _check_steps(p, self.steps)
+        _choice(p, "schedule", self.schedule, SCHEDULES)
+        _positive(p, "rho", self.rho)
         _check_eps(p, self.eps)
 
 
@@ -496,6 +522,7 @@ class EvalConfig:
     atol: float = 1e-5
     eps: float = 1e-5
     elbo: bool = False
+    elbo_terms: Optional[int] = None
     use_ema: bool = True
 
     def check(self, p: str = "eval") -> None:
@@ -509,6 +536,8 @@ class EvalConfig:
         _positive(p, "atol", self.atol)
         if not (math.isfinite(self.eps) and 0 < self.eps < 1):
             raise ConfigError(f"{p}.eps must lie in (0, 1); got {self.eps!r}")
+        if self.elbo_terms is not None:
+            _int_at_least(p, "elbo_terms", self.elbo_terms, 1)
 
 
 VARIANTS = ("ddpm", "vp", "subvp", "ve")
@@ -518,12 +547,18 @@ VARIANTS = ("ddpm", "vp", "subvp", "ve")
 class CompareConfig:
     """The DDPM-vs-SDE comparison: which variants to train and which samplers evaluate each.
 
-    ``samplers`` maps a label to a sampler config (``method`` plus that method's fields); the label
-    ``fast`` may carry ``{vp: {...}, ve: {...}}`` style overrides through ``fast_ve`` (VE has no DDIM/DPM-Solver).
+    ``samplers``: label -> sampler config (``method`` plus that method's fields), used for every
+    variant; ``samplers_ve``: label -> replacement for the VE variant (VE has no DDIM / DPM-Solver);
+    a sampler a variant cannot use (ancestral for sub-VP) is reported as n/a. ``sde_overrides``:
+    variant -> SDE fields (e.g. ``{ve: {sigma_max: 12.0}}``); ``ema_rate_ve``: the VE EMA rate
+    (the paper uses 0.999 for VE, 0.9999 for VP).
     """
 
     variants: List[str] = field(default_factory=lambda: list(VARIANTS))
     samplers: Dict[str, Any] = field(default_factory=dict)
+    samplers_ve: Dict[str, Any] = field(default_factory=dict)
+    sde_overrides: Dict[str, Any] = field(default_factory=dict)
+    ema_rate_ve: Optional[float] = None
     nll: bool = True
     elbo: bool = True
 
@@ -532,8 +567,23 @@ class CompareConfig:
             raise ConfigError(f"{p}.variants must name at least one of {list(VARIANTS)}")
         for v in self.variants:
             _choice(p, "variants[i]", v, VARIANTS)
-        for label, s in self.samplers.items():
+        if not self.samplers:
+            raise ConfigError(f"{p}.samplers must define at least one sampler (label -> {{method: ..., ...}})")
+        for label, s in list(self.samplers.items()) + list(self.samplers_ve.items()):
             validate_sampler(s, prefix=f"{p}.samplers.{label}")
+        for label in self.samplers_ve:
+            if label not in self.samplers:
+                raise ConfigError(f"{p}.samplers_ve.{label}: no sampler {label!r} in {p}.samplers to replace; labels: {list(self.samplers)}")
+        schemas = {"ddpm": VPSDEConfig, "vp": VPSDEConfig, "subvp": SubVPSDEConfig, "ve": VESDEConfig}
+        for v, over in self.sde_overrides.items():
+            _choice(p, "sde_overrides keys", v, VARIANTS)
+            allowed = {f.name for f in fields(schemas[v])} - {"name"}
+            unknown = sorted(set(over or {}) - allowed)
+            if unknown:
+                raise ConfigError(f"{p}.sde_overrides.{v}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+            schemas[v](**(over or {})).check(f"{p}.sde_overrides.{v}")
+        if self.ema_rate_ve is not None:
+            _in_unit(p, "ema_rate_ve", self.ema_rate_ve)
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,22 +654,18 @@ class NLLAppConfig(_Common):
 
 @dataclass
 class CompareAppConfig(_Common):
-    """``scoresde-compare``: DDPM vs continuous VP / sub-VP / VE on one dataset."""
+    """``scoresde-compare``: DDPM vs continuous VP / sub-VP / VE on one dataset (one model and train setting)."""
 
-    sde: Any = MISSING
     model: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
-    sampler: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
     def check(self) -> None:
         self.check_common()
-        self.sde.check("sde")
         self.model.check("model")
         self.data.check("data")
-        self.sampler.check("sampler")
         self.train.check("train")
         self.eval.check("eval")
         self.compare.check("compare")
@@ -632,8 +678,10 @@ def _check_combination(sde, model, data, train, sampler) -> None:
     if isinstance(model, OracleModelConfig) and data.name != "gmm":
         raise ConfigError(f"model=oracle needs data=gmm (the only dataset with an exact score); got data.name={data.name!r}")
     param = getattr(model, "parameterization", "auto")
-    if isinstance(sde, VESDEConfig) and param == "eps" and not train.continuous:
-        pass  # allowed: discrete SMLD with an eps-net is the same as sigma-scaled up to sign
+    if param == "sigma_scaled" and not isinstance(sde, VESDEConfig):
+        raise ConfigError(f"model.parameterization='sigma_scaled' needs sde=ve; got sde={sde.name} (use 'eps' or 'auto')")
+    if not train.continuous and isinstance(sde, SubVPSDEConfig):
+        raise ConfigError("train.continuous=false needs sde=vp (DDPM) or sde=ve (SMLD); sub-VP has no discrete chain")
     method = getattr(sampler, "method", None)
     if method in ("ddim", "dpm_solver") and isinstance(sde, VESDEConfig):
         raise ConfigError(f"sampler={method} supports sde=vp, vp_cosine, subvp only; got sde=ve (use sampler=heun, ode or pc)")
@@ -758,10 +806,11 @@ def default_parameterization(sde_cfg, model_cfg) -> str:
     return "sigma_scaled" if isinstance(sde_cfg, VESDEConfig) else "eps"
 
 
-def build_net(model_cfg, data_shape):
+def build_net(model_cfg, data_shape, seed: int = 0):
     """The score network for data of per-sample shape ``data_shape`` (``(D,)`` or ``(C, H, W)``).
 
-    MLP on images: wrapped so that it flattens ``(B, C, H, W) -> (B, D)`` and back.
+    MLP on images: wrapped so that it flattens ``(B, C, H, W) -> (B, D)`` and back. ``seed`` seeds the
+    initial weights.
     """
     from . import nets
 
@@ -776,6 +825,7 @@ def build_net(model_cfg, data_shape):
             embed_dim=model_cfg.embed_dim,
             fourier_scale=model_cfg.fourier_scale,
             dropout=model_cfg.dropout,
+            seed=seed,
         )
         return net if len(shape) == 1 else _Flatten(net, shape)
     if isinstance(model_cfg, UNetModelConfig):
@@ -797,6 +847,7 @@ def build_net(model_cfg, data_shape):
             skip_rescale=model_cfg.skip_rescale,
             resamp_with_conv=model_cfg.resamp_with_conv,
             num_groups=model_cfg.num_groups,
+            seed=seed,
         )
     raise TypeError(f"model config must be MLPModelConfig or UNetModelConfig to build a network; got {type(model_cfg).__name__}")
 
@@ -822,11 +873,11 @@ def _Flatten(net, shape):
     return _flatten_class()(net, shape)
 
 
-def build_model(model_cfg, sde_cfg, sde, data_shape, continuous: bool):
+def build_model(model_cfg, sde_cfg, sde, data_shape, continuous: bool, seed: int = 0):
     """``ScoreModel(net, sde, parameterization, continuous)`` from the model and SDE configs."""
     from .model import ScoreModel
 
-    net = build_net(model_cfg, data_shape)
+    net = build_net(model_cfg, data_shape, seed=seed)
     return ScoreModel(net, sde, parameterization=default_parameterization(sde_cfg, model_cfg), continuous=continuous)
 
 
@@ -845,35 +896,29 @@ def build_loss(train_cfg: TrainConfig, sde):
 
 
 def build_train_options(train_cfg: TrainConfig, seed: int, **extra):
-    """``scoresde.train.TrainOptions`` from ``train.*`` (only the fields TrainOptions declares are passed)."""
-    from dataclasses import fields as dc_fields
-
+    """``scoresde.train.TrainOptions`` from ``train.*`` (``n_iters`` -> ``n_steps``, ``ckpt_every`` ->
+    ``checkpoint_every``, ``grad_clip=0`` -> no clipping); ``extra`` adds model-selection options."""
     from .train import TrainOptions
 
     wanted = {
-        "n_iters": train_cfg.n_iters,
-        "iters": train_cfg.n_iters,
+        "n_steps": train_cfg.n_iters,
         "batch_size": train_cfg.batch_size,
         "lr": train_cfg.lr,
         "beta1": train_cfg.beta1,
         "beta2": train_cfg.beta2,
-        "betas": (train_cfg.beta1, train_cfg.beta2),
         "adam_eps": train_cfg.adam_eps,
-        "eps": train_cfg.adam_eps,
         "weight_decay": train_cfg.weight_decay,
         "warmup": train_cfg.warmup,
-        "grad_clip": train_cfg.grad_clip,
+        "grad_clip": train_cfg.grad_clip if train_cfg.grad_clip > 0 else None,
         "ema_rate": train_cfg.ema_rate,
         "amp": train_cfg.amp,
         "log_every": train_cfg.log_every,
-        "ckpt_every": train_cfg.ckpt_every,
+        "checkpoint_every": train_cfg.ckpt_every,
         "eval_every": train_cfg.eval_every,
-        "patience": train_cfg.patience,
         "seed": seed,
     }
     wanted.update(extra)
-    names = {f.name for f in dc_fields(TrainOptions)}
-    return TrainOptions(**{k: v for k, v in wanted.items() if k in names})
+    return TrainOptions(**wanted)
 
 
 def sampler_kwargs(c) -> dict:
@@ -1039,8 +1084,6 @@ def score_sde_overrides(config) -> List[str]:
 
     sde = pick("training.sde", _SDE_NAMES, "supported")
     if sde is not None:
-        if sde == "vp" and flat.get("model.name") == "ddpm" and not flat.get("training.continuous", True):
-            pass  # discrete DDPM: VP with continuous=False
         out.append(f"sde={sde}")
     sde_eff = sde or "vp"
     if sde_eff in ("vp", "subvp"):
