@@ -113,7 +113,7 @@ def dsm_per_sample(
     x_t = batch_broadcast(m, x0) * x0 + batch_broadcast(s, x0) * z
     per = _reduce((model.eps_fn(x_t, t) - z) ** 2, reduce)
     if weighting == "likelihood":
-        _, g = sde.sde(x_t, t)
+        _, g = sde.sde(x_t.new_zeros(x_t.shape[0], 1), t)  # g(t) only; a 1-d dummy avoids computing the drift of x_t
         per = per * (g / s) ** 2
     return per
 

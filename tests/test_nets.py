@@ -214,3 +214,16 @@ def test_unet_validation():
         UNet(dropout=-0.1)
     with pytest.raises(ValueError, match="time_embedding"):
         UNet(in_channels=1, image_size=8, ch=4, ch_mult=(1,), time_embedding="none")
+
+
+def test_attention_block_matches_formula():
+    from scoresde.nets.unet import AttnBlock
+
+    g = torch.Generator().manual_seed(0)
+    blk = randomize_(AttnBlock(8, skip_rescale=True, num_groups=32, g=g)).double()
+    x = torch.randn(2, 8, 4, 3, generator=g, dtype=torch.float64)
+    h = blk.norm(x)
+    q, k, v = (p(h).flatten(2) for p in (blk.q, blk.k, blk.v))  # (B, C, HW)
+    w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(8), dim=-1)
+    ref = (x + blk.out(torch.einsum("bij,bcj->bci", w, v).reshape(x.shape))) / math.sqrt(2)
+    torch.testing.assert_close(blk(x), ref, rtol=1e-12, atol=1e-12)

@@ -92,11 +92,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
-        q = self.q(h).reshape(B, C, H * W)
-        k = self.k(h).reshape(B, C, H * W)
-        v = self.v(h).reshape(B, C, H * W)
-        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C), dim=-1)  # (B, HW query, HW key)
-        h = torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W)
+        q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # softmax(q k^T / sqrt(C)) v; fused kernels (flash / memory-efficient) on GPU
+        h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
         out = x + self.out(h)
         return out / math.sqrt(2.0) if self.skip_rescale else out
 
