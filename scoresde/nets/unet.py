@@ -155,6 +155,10 @@ class UNet(nn.Module):
         seed: weights are drawn from ``torch.Generator().manual_seed(seed)``.
 
     ``forward(x (B, C, H, W), t_in (B,)) -> (B, C, H, W)``; ``H`` and ``W`` divisible by ``2^(len(ch_mult)-1)``.
+
+    Sizes (parameters, 3 x 32 x 32, ch 128, ch_mult (1,2,2,2), attention at 16): num_res_blocks=4 (DDPM++ cont.)
+    61.8M; 8 (deep) 106.6M; num_res_blocks=2 with ``resblock_updown=False`` (DDPM-like) 35.2M.
+    1 x 8 x 8, ch 8, ch_mult (1, 2), num_res_blocks 1: 45.7k (ch 4: 11.8k).
     """
 
     def __init__(
