@@ -102,6 +102,8 @@ class GaussianMixture:
         dtype = dtype or self.means.dtype
         mu = self.means.to(device=device, dtype=dtype)
         sd = self.stds.to(device=device, dtype=dtype)
+        if n == 0:
+            return torch.empty(0, self.D, device=device, dtype=dtype)
         k = torch.multinomial(self.weights.to(device=device, dtype=torch.float64), n, replacement=True, generator=generator)
         z = torch.randn(n, self.D, generator=generator, device=device, dtype=dtype)
         return mu[k] + sd[k, None] * z

@@ -107,6 +107,7 @@ def test_sample_moments():
     var = second - mean**2
     z = (x.mean(0) - mean) / (var / n).sqrt()
     assert bool((z.abs() < 4.5).all()), z
+    assert gm.sample(0).shape == (0, 2)
     # reproducible from the generator
     assert torch.equal(gm.sample(10, generator=torch.Generator().manual_seed(5)), gm.sample(10, generator=torch.Generator().manual_seed(5)))
 
