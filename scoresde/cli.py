@@ -851,7 +851,11 @@ def _hydra_app(config_name: str, run_fn: Callable) -> Callable:
     def app(cfg) -> Optional[float]:
         from hydra.core.hydra_config import HydraConfig
 
-        obj = C.validate(cfg)  # every range check before any work
+        try:
+            obj = C.validate(cfg)  # every range check before any work
+        except C.ConfigError as e:
+            print(f"Config error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
         outdir = Path(HydraConfig.get().runtime.output_dir)
         metrics = run_fn(obj, outdir)
         return _objective(metrics)
