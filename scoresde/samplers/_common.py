@@ -1,0 +1,176 @@
+"""Shared pieces of the samplers: NFE counting, per-sample noise, time grids, denoising, the result type.
+
+Time grids are computed once in float64 on the CPU and handed to the solvers as Python floats, so the
+per-step coefficients are exact to float64 whatever dtype/device the samples use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..sde import SDE, SubVPSDE, VESDE, VPSDE
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+SCHEDULES = ("time_uniform", "logSNR", "karras")
+
+
+@dataclass
+class SampleResult:
+    """What a sampler returns.
+
+    Attributes:
+        x: the samples, shape ``shape``.
+        nfe: number of calls of ``score_fn`` actually made (counted by a wrapper).
+        trajectory: ``(K, *shape)`` states at ``times`` when ``return_trajectory=True``, else ``None``.
+        times: ``(K,)`` float64 times of the trajectory (forward time, from ``T`` down to ``eps``), or ``None``.
+        info: method-specific details (the options used, solver statistics).
+    """
+
+    x: torch.Tensor
+    nfe: int
+    trajectory: torch.Tensor | None = None
+    times: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+
+class CountingScore:
+    """Wraps ``score_fn(x, t)`` and counts its calls in ``.calls`` (one call = one network evaluation of a batch)."""
+
+    def __init__(self, score_fn: ScoreFn):
+        self.score_fn = score_fn
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.score_fn(x, t)
+
+
+class Noise:
+    """Standard normal draws for a batch from one ``torch.Generator`` or from one generator per sample.
+
+    With a list of generators, row ``b`` of every draw comes from ``generators[b]`` alone, so a sample's
+    noise does not depend on the batch it is drawn in.
+    """
+
+    def __init__(self, generator, batch: int, device, dtype):
+        self.device, self.dtype, self.batch = device, dtype, batch
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise ValueError(f"generator as a list must have one torch.Generator per sample: len {batch}; got {len(generator)}")
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("generator must be a torch.Generator, a list of them, or None")
+            self.generators = list(generator)
+            self.generator = None
+        else:
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, a list of them, or None; got {type(generator).__name__}")
+            self.generators = None
+            self.generator = generator
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        """``N(0, I)`` tensor of ``shape`` (``shape[0]`` the batch)."""
+        shape = tuple(shape)
+        if self.generators is None:
+            return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+        return torch.stack([torch.randn(shape[1:], generator=g, device=self.device, dtype=self.dtype) for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape)
+
+
+def full_t(t: float, x: torch.Tensor) -> torch.Tensor:
+    """The time ``t`` as a ``(B,)`` tensor on ``x``'s device and dtype."""
+    return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+
+
+def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> ``(B, 1, ..., 1)`` to broadcast against ``x``."""
+    return v.reshape(v.shape + (1,) * (x.dim() - 1))
+
+
+def coef(sde: SDE, t: float) -> tuple[float, float]:
+    """``(m(t), s(t))`` as Python floats, computed in float64."""
+    m, s = sde.marginal_coef(torch.tensor([float(t)], dtype=torch.float64))
+    return float(m), float(s)
+
+
+def log_snr(sde: SDE, t: float) -> float:
+    """``lambda(t) = log m(t) - log s(t)`` in float64."""
+    return float(sde.log_snr(torch.tensor([float(t)], dtype=torch.float64)))
+
+
+def t_from_log_snr(sde: SDE, lam: float) -> float:
+    return float(sde.t_from_log_snr(torch.tensor([float(lam)], dtype=torch.float64)))
+
+
+def default_eps(sde: SDE) -> float:
+    """The paper's end time: ``1e-5`` for VE, ``1e-3`` for VP and sub-VP (and other SDEs)."""
+    return 1e-5 if isinstance(sde, VESDE) else 1e-3
+
+
+def time_grid(sde: SDE, steps: int, eps: float, schedule: str = "time_uniform", rho: float = 7.0) -> torch.Tensor:
+    """Decreasing times ``T = t_0 > t_1 > ... > t_steps = eps``, shape ``(steps + 1,)``, float64 on the CPU.
+
+    * ``time_uniform``: ``t_i = T + i (eps - T) / steps``.
+    * ``logSNR``: ``lambda(t_i)`` uniform between ``lambda(T)`` and ``lambda(eps)`` (Lu et al. 2022), ``t = t_from_log_snr``.
+    * ``karras``: ``sigma_i = (sigma_max^(1/rho) + i/steps (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho`` with
+      ``sigma = s/m`` (Karras et al. 2022, eq. 5), ``sigma_max = sigma(T)``, ``sigma_min = sigma(eps)``,
+      and ``t_i = t_from_log_snr(-log sigma_i)``.
+    """
+    T = float(sde.T)
+    if schedule == "time_uniform":
+        ts = torch.linspace(T, eps, steps + 1, dtype=torch.float64)
+    elif schedule == "logSNR":
+        lam = torch.linspace(log_snr(sde, T), log_snr(sde, eps), steps + 1, dtype=torch.float64)
+        ts = sde.t_from_log_snr(lam)
+    elif schedule == "karras":
+        smax, smin = math.exp(-log_snr(sde, T)), math.exp(-log_snr(sde, eps))
+        i = torch.arange(steps + 1, dtype=torch.float64) / steps
+        sig = (smax ** (1 / rho) + i * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+        ts = sde.t_from_log_snr(-torch.log(sig))
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
+    ts = ts.clone()
+    ts[0], ts[-1] = T, eps  # exact end points (the inverse of log_snr is only exact to rounding)
+    return ts
+
+
+def transition(sde: SDE, s: float, t: float) -> tuple[float, float]:
+    """Exact forward kernel between two times ``s < t``: ``x_t = a x_s + G z`` with
+    ``a = m(t)/m(s)`` and ``G^2 = s(t)^2 - a^2 s(s)^2`` (any SDE with affine drift). Returns ``(a, G^2)``."""
+    ms, ss = coef(sde, s)
+    mt, st = coef(sde, t)
+    a = mt / ms
+    return a, max(st * st - a * a * ss * ss, 0.0)
+
+
+def denoise(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float) -> torch.Tensor:
+    """Tweedie's formula ``E[x_0 | x_t] = (x_t + s(t)^2 grad log p_t(x_t)) / m(t)``; one score call; shape of ``x``."""
+    m, s = coef(sde, t)
+    return (x + (s * s) * score_fn(x, full_t(t, x))) / m
+
+
+def langevin_alpha(sde: SDE, t: float) -> float:
+    """The ``alpha`` of score_sde's Langevin step size ``2 alpha (snr |z| / |s|)^2``.
+
+    VP: ``alpha_i = 1 - beta_i`` of the discrete DDPM chain at ``i = discrete_timestep(t)`` (as score_sde).
+    sub-VP: the same drift as VP, so the same quantity from its continuous ``beta``: ``1 - beta(t) T / N``
+    (score_sde has no alpha for sub-VP). VE and other SDEs: ``1``.
+    """
+    tt = torch.tensor([float(t)], dtype=torch.float64)
+    if isinstance(sde, VPSDE):
+        return float(sde.alphas[sde.discrete_timestep(tt)])
+    if isinstance(sde, SubVPSDE):
+        return float(1.0 - sde.beta(tt) * sde.T / sde.N)
+    return 1.0
+
+
+def progress_bar(n: int, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), disable=not progress, desc=desc, leave=False)
