@@ -6,4 +6,7 @@ from .likelihood import LikelihoodResult, bits_per_dim, ddpm_elbo, evaluate_bpd,
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture"]
 __all__ += ["log_likelihood", "bits_per_dim", "LikelihoodResult", "evaluate_bpd", "ddpm_elbo", "evaluate_elbo"]
+from .samplers import SampleResult, sample
+
+__all__ += ["sample", "SampleResult"]
 __version__ = "0.1.0"

@@ -91,7 +91,7 @@ def langevin_corrector(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, n
 
         e = 2 alpha (snr |z| / |score|)^2,   x <- x + e score(x, t) + sqrt(2 e) z
 
-    with ``alpha`` from ``langevin_alpha`` (``1 - beta_i`` for VP, ``1 - beta(t) T/N`` for sub-VP, 1 for VE).
+    with ``alpha`` from ``langevin_alpha`` (``exp(-beta(t) T/N) ~ 1 - beta_i`` for VP and sub-VP, 1 for VE).
     ``norm="batch"``: ``|z|``, ``|score|`` are per-sample norms averaged over the batch (score_sde), one step
     size for the batch, so a sample depends (through that scalar) on its batch. ``norm="sample"``: per-sample
     norms and step sizes; each sample is independent of its batch, which per-sample generators need. In high
