@@ -130,6 +130,9 @@ class VPSDEConfig:
         _choice(p, "schedule", self.schedule, ("linear", "cosine"))
         if self.schedule == "linear" and not self.beta_min < self.beta_max:
             raise ConfigError(f"{p}.beta_min must be < {p}.beta_max; got beta_min={self.beta_min}, beta_max={self.beta_max}")
+        if self.schedule == "linear" and not self.beta_max / self.N < 1:
+            raise ConfigError(f"{p}.N must be > {p}.beta_max: the discrete DDPM betas linspace(beta_min/N, beta_max/N, N) "
+                              f"must stay below 1; got N={self.N}, beta_max={self.beta_max}")
 
 
 @dataclass

@@ -121,6 +121,7 @@ def test_composition_errors_name_the_field(hydra_ctx, override, pattern):
         (["sde.beta_min=25"], r"sde\.beta_min must be < sde\.beta_max"),
         (["sde=ve", "sde.sigma_min=60"], r"sde\.sigma_min must be < sde\.sigma_max"),
         (["sde.N=0"], r"sde\.N must be an integer >= 1"),
+        (["sde.N=20"], r"sde\.N must be > sde\.beta_max"),
         (["sde.schedule=quadratic"], r"sde\.schedule must be one of"),
         (["model.dropout=1.5"], r"model\.dropout must lie in \[0, 1\)"),
         (["model.parameterization=v"], r"model\.parameterization must be one of"),
@@ -165,6 +166,7 @@ def test_compare_config_errors(hydra_ctx):
 # ------------------------------------------------------------------------------------------------
 def test_build_sde_matches_config(hydra_ctx):
     vp = C.build_sde(C.validate(make("train", ["sde=vp", "sde.beta_max=12.5", "sde.N=100"])).sde)
+    assert vp.discrete_betas.max() < 1
     assert isinstance(vp, VPSDE) and (vp.beta_min, vp.beta_max, vp.N, vp.schedule) == (0.1, 12.5, 100, "linear")
     assert torch.allclose(vp.discrete_betas, torch.linspace(0.1 / 100, 12.5 / 100, 100, dtype=torch.float64))
     cos = C.build_sde(C.validate(make("train", ["sde=vp_cosine"])).sde)
@@ -226,7 +228,7 @@ def test_every_sampler_config_is_accepted_by_the_library(hydra_ctx, opt):
     from scoresde.samplers import sample
 
     sde_name = "ve" if opt in ("langevin",) else "vp"
-    ov = [f"sampler={opt}", f"sde={sde_name}", "sde.N=20"]
+    ov = [f"sampler={opt}", f"sde={sde_name}", "sde.N=30"]
     if opt in ("ddim", "dpm_solver", "heun"):
         ov.append("sampler.steps=4")
     if opt == "ode":
