@@ -66,10 +66,12 @@ FAST_CONFIGS = [
 STOCHASTIC_CONFIGS = [
     ("pc", {"steps": 500}),  # reverse diffusion + Langevin (batch norms), snr 0.16
     ("pc", {"steps": 500, "predictor": "ancestral", "corrector": "none"}),
+    ("ddim", {"steps": 200, "eta": 1.0}),
+]
+SLOW_STOCHASTIC_CONFIGS = [
     ("pc", {"steps": 500, "predictor": "euler_maruyama", "corrector": "annealed_langevin"}),
     ("pc", {"steps": 500, "predictor": "reverse_diffusion", "corrector": "none", "probability_flow": True}),
-    ("langevin", {"steps": 100, "n_steps": 30}),
-    ("ddim", {"steps": 200, "eta": 1.0}),
+    ("langevin", {"steps": 100, "n_steps": 30}),  # 3000 NFE: annealed Langevin alone needs many steps per level
 ]
 
 
@@ -86,8 +88,12 @@ def test_fast_solvers_reach_noise_floor(sde_name, method, kw, D):
     assert_at_noise_floor(draw(sde_name, D, method, **kw).x, D, f"{sde_name} {method} {kw}")
 
 
+_STOCH = [pytest.param(m, kw, id=i) for (m, kw), i in zip(STOCHASTIC_CONFIGS, _ids(STOCHASTIC_CONFIGS))] + [
+    pytest.param(m, kw, id=i, marks=pytest.mark.slow) for (m, kw), i in zip(SLOW_STOCHASTIC_CONFIGS, _ids(SLOW_STOCHASTIC_CONFIGS))]
+
+
 @pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
-@pytest.mark.parametrize("method,kw", STOCHASTIC_CONFIGS, ids=_ids(STOCHASTIC_CONFIGS))
+@pytest.mark.parametrize("method,kw", _STOCH)
 @pytest.mark.parametrize("D", [2, pytest.param(64, marks=pytest.mark.slow)])
 def test_stochastic_samplers_reach_noise_floor(sde_name, method, kw, D):
     if sde_name == "ve" and method == "ddim":

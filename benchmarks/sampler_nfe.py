@@ -1,0 +1,152 @@
+"""Quality per NFE of every sampler on the Gaussian-mixture oracle (VP SDE), D = 2 and D = 64.
+
+For each sampler and steps in {5, 10, 20, 50, 100, 1000}: NFE (counted), wall time (median over repeats) and the
+unbiased MMD^2 (RBF, 5 bandwidths around the median heuristic) against a fresh data sample, next to the noise
+floor: the spread (std) of the same statistic between independent data samples of the same size. ``z`` is
+MMD^2 / floor; ``z < 3`` is "at the noise floor". Writes CSV, PNG and a markdown table under benchmarks/results/.
+
+    OMP_NUM_THREADS=1 python benchmarks/sampler_nfe.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from scoresde import GaussianMixture, VPSDE
+from scoresde.metrics import median_bandwidth, mmd2_unbiased
+from scoresde.samplers import sample
+
+STEPS = [5, 10, 20, 50, 100, 1000]
+SAMPLERS = [
+    # (label, method, options, max steps)
+    ("PC reverse-diffusion + Langevin", "pc", {}, 1000),
+    ("PC ancestral (DDPM)", "pc", {"predictor": "ancestral", "corrector": "none"}, 1000),
+    ("PC Euler-Maruyama", "pc", {"predictor": "euler_maruyama", "corrector": "none"}, 1000),
+    ("annealed Langevin (5/level)", "langevin", {"n_steps": 5}, 100),
+    ("ODE Euler", "ode", {"ode_method": "euler"}, 1000),
+    ("ODE midpoint", "ode", {"ode_method": "midpoint"}, 1000),
+    ("ODE RK4", "ode", {"ode_method": "rk4"}, 1000),
+    ("DDIM eta=0", "ddim", {}, 1000),
+    ("DDIM eta=1", "ddim", {"eta": 1.0}, 1000),
+    ("DPM-Solver-1", "dpm_solver", {"order": 1}, 1000),
+    ("DPM-Solver-2 singlestep", "dpm_solver", {"order": 2, "multistep": False}, 1000),
+    ("DPM-Solver-3 singlestep", "dpm_solver", {"order": 3, "multistep": False}, 1000),
+    ("DPM-Solver-2M", "dpm_solver", {"order": 2}, 1000),
+    ("DPM-Solver-3M", "dpm_solver", {"order": 3}, 1000),
+    ("Heun (EDM, Karras)", "heun", {}, 1000),
+]
+ADAPTIVE = [("ODE dopri5 tol=%g" % tol, "ode", {"rtol": tol, "atol": tol}) for tol in (1e-2, 1e-3, 1e-5)]
+ADAPTIVE += [("ODE scipy RK45 tol=1e-5", "ode", {"ode_method": "scipy_rk45"})]
+
+
+def mixture(D: int) -> GaussianMixture:
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(4, D, generator=g, dtype=torch.float64) * (2.0 if D == 2 else 1.0)
+    return GaussianMixture(means, torch.tensor([0.15, 0.3, 0.2, 0.25]), torch.tensor([0.4, 0.3, 0.2, 0.1]))
+
+
+def noise_floor(gm, n, R=10):
+    data = [gm.sample(n, torch.Generator().manual_seed(100 + i), dtype=torch.float64) for i in range(R + 1)]
+    bw = [median_bandwidth(data[0], data[1]) * c for c in (0.25, 0.5, 1.0, 2.0, 4.0)]
+    null = torch.stack([mmd2_unbiased(data[0], data[i], bw) for i in range(1, R + 1)])
+    return data[0], bw, float(null.mean()), float(null.std())
+
+
+def run_one(score_fn, sde, n, D, method, steps, opts, repeats):
+    times, r = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = sample(score_fn, sde, (n, D), method=method, steps=steps, generator=torch.Generator().manual_seed(5), **opts)
+        times.append(time.perf_counter() - t0)
+    return r, statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="steps up to 100 only, one repeat")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sde = VPSDE()
+    rows = []
+    for D, n in ((2, 1000), (64, 500)):
+        gm = mixture(D)
+        data, bw, null_mean, null_sd = noise_floor(gm, n)
+        print(f"D={D} n={n}: noise floor (std of data-vs-data MMD^2) = {null_sd:.2e} (mean {null_mean:.1e})")
+        sf = gm.score_fn(sde)
+        jobs = [(lab, m, o, s) for lab, m, o, mx in SAMPLERS for s in STEPS if s <= mx and not (args.quick and s > 100)]
+        jobs += [(lab, m, o, None) for lab, m, o in ADAPTIVE]
+        for lab, method, opts, steps in jobs:
+            repeats = 1 if args.quick or (steps or 0) >= 1000 or method == "langevin" else 3
+            r, wall = run_one(sf, sde, n, D, method, steps, {"dtype": torch.float32, **opts}, repeats)
+            mmd = float(mmd2_unbiased(r.x.double(), data, bw)) if torch.isfinite(r.x).all() else float("nan")
+            row = {"D": D, "n": n, "sampler": lab, "method": method, "steps": steps if steps is not None else "adaptive",
+                   "nfe": r.nfe, "wall_s": round(wall, 4), "mmd2": mmd, "z": mmd / null_sd, "noise_floor_sd": null_sd}
+            rows.append(row)
+            print(f"  {lab:32s} steps={str(row['steps']):>8s} nfe={r.nfe:5d} wall={wall:7.3f}s mmd2={mmd: .2e} z={mmd / null_sd:7.1f}", flush=True)
+
+    with open(out / "sampler_nfe.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    write_markdown(rows, out / "sampler_nfe.md")
+    plot(rows, out / "sampler_nfe.png")
+    print(f"wrote {out / 'sampler_nfe.csv'}, .md, .png")
+
+
+def write_markdown(rows, path):
+    lines = ["# Sampler quality per NFE (VP SDE, Gaussian-mixture oracle score, float32)", "",
+             "z = MMD^2 / (std of MMD^2 between two independent data samples of the same size); z < 3 is at the noise floor.",
+             "Columns: steps -> `z (NFE)`.", ""]
+    for D in sorted({r["D"] for r in rows}):
+        sub = [r for r in rows if r["D"] == D]
+        lines += [f"## D = {D} (n = {sub[0]['n']}, noise floor sd = {sub[0]['noise_floor_sd']:.2e})", ""]
+        cols = [str(s) for s in STEPS] + ["adaptive"]
+        lines += ["| sampler | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for lab in dict.fromkeys(r["sampler"] for r in sub):
+            cells = []
+            for c in cols:
+                hit = [r for r in sub if r["sampler"] == lab and str(r["steps"]) == c]
+                cells.append(f"{hit[0]['z']:.1f} ({hit[0]['nfe']})" if hit else "")
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        best = [r for r in sub if r["z"] < 3]
+        if best:
+            b = min(best, key=lambda r: (r["nfe"], r["z"]))
+            lines += ["", f"Fewest NFE at the noise floor: **{b['sampler']}**, {b['nfe']} NFE (z = {b['z']:.1f})."]
+        lines.append("")
+    lines += ["Wall time (median of 3 repeats below 1000 steps, 1 otherwise; 2 shared CPU cores, OMP_NUM_THREADS=1) is in the CSV.", ""]
+    Path(path).write_text("\n".join(lines))
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Ds = sorted({r["D"] for r in rows})
+    fig, axes = plt.subplots(1, len(Ds), figsize=(7 * len(Ds), 5.5))
+    for ax, D in zip(axes, Ds):
+        sub = [r for r in rows if r["D"] == D]
+        for lab in dict.fromkeys(r["sampler"] for r in sub):
+            pts = sorted((r["nfe"], max(r["z"], 0.1)) for r in sub if r["sampler"] == lab)
+            style = "o--" if "adaptive" in [str(r["steps"]) for r in sub if r["sampler"] == lab] else "o-"
+            ax.plot(*zip(*pts), style, label=lab, ms=3)
+        ax.axhspan(0.1, 3, color="grey", alpha=0.2, label="noise floor (z < 3)")
+        ax.set(xscale="log", yscale="log", xlabel="NFE (counted)", ylabel="MMD$^2$ / null std (clipped at 0.1)", title=f"D = {D}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
