@@ -5,7 +5,7 @@ unbiased MMD^2 (RBF, 5 bandwidths around the median heuristic) against a fresh d
 floor: the spread (std) of the same statistic between independent data samples of the same size. ``z`` is
 MMD^2 / floor; ``z < 3`` is "at the noise floor". Writes CSV, PNG and a markdown table under benchmarks/results/.
 
-    OMP_NUM_THREADS=1 python benchmarks/sampler_nfe.py [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/sampler_nfe.py [--quick] [--plot-only]
 """
 
 from __future__ import annotations
@@ -71,7 +71,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="steps up to 100 only, one repeat")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing CSV")
     args = ap.parse_args()
+    if args.plot_only:
+        with open(Path(args.out) / "sampler_nfe.csv") as f:
+            plot(list(csv.DictReader(f)), Path(args.out) / "sampler_nfe.png")
+        return
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,14 +137,16 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    Ds = sorted({r["D"] for r in rows})
+    Ds = sorted({int(r["D"]) for r in rows})
+    rows = [{**r, "D": int(r["D"])} for r in rows]
     fig, axes = plt.subplots(1, len(Ds), figsize=(7 * len(Ds), 5.5))
     for ax, D in zip(axes, Ds):
         sub = [r for r in rows if r["D"] == D]
-        for lab in dict.fromkeys(r["sampler"] for r in sub):
-            pts = sorted((r["nfe"], max(r["z"], 0.1)) for r in sub if r["sampler"] == lab)
-            style = "o--" if "adaptive" in [str(r["steps"]) for r in sub if r["sampler"] == lab] else "o-"
-            ax.plot(*zip(*pts), style, label=lab, ms=3)
+        cmap = plt.get_cmap("tab20")
+        for i, lab in enumerate(dict.fromkeys(r["sampler"] for r in sub)):
+            pts = sorted((int(r["nfe"]), max(float(r["z"]), 0.1)) for r in sub if r["sampler"] == lab)
+            style = "s--" if "adaptive" in [str(r["steps"]) for r in sub if r["sampler"] == lab] else "o-"
+            ax.plot(*zip(*pts), style, label=lab, ms=3, color=cmap(i % 20))
         ax.axhspan(0.1, 3, color="grey", alpha=0.2, label="noise floor (z < 3)")
         ax.set(xscale="log", yscale="log", xlabel="NFE (counted)", ylabel="MMD$^2$ / null std (clipped at 0.1)", title=f"D = {D}")
         ax.grid(alpha=0.3)
