@@ -274,6 +274,22 @@ def sample_quality(samples: torch.Tensor, reference: torch.Tensor, seed: int) ->
     return out
 
 
+def image_fd(samples: torch.Tensor, test, data_cfg: C.DataConfig, eval_cfg: C.EvalConfig, seed: int, device) -> dict:
+    """Fréchet distance (``fd``) of image samples to the test split on a cached classifier's features, and
+    ``fd_floor``: the same distance from as many training images to the test split."""
+    from .features import FeatureExtractor, frechet_distance_images
+
+    ext = FeatureExtractor.load_or_train(data_cfg.name, cache_dir=eval_cfg.feature_cache, root=data_cfg.root, seed=0, device=device)
+    x = samples[torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)].to(device=device, dtype=torch.float32)
+    out = {"fd_classifier_test_accuracy": ext.test_accuracy}
+    if x.shape[0] < 2:
+        return out
+    out["fd"] = frechet_distance_images(x, test.x.to(device), ext)
+    train = load_split(data_cfg, "train", seed=seed)
+    out["fd_floor"] = frechet_distance_images(train.x[: x.shape[0]].to(device), test.x.to(device), ext)
+    return out
+
+
 def save_sample_figure(samples: torch.Tensor, path, data_cfg: C.DataConfig, reference: Optional[torch.Tensor] = None, title: str = "") -> None:
     """PNG of ``samples``: a scatter plot (over the reference in grey) for 2-D data, else an image grid."""
     import matplotlib
@@ -382,6 +398,8 @@ def evaluate_run(run: LoadedRun, sampler_cfg, eval_cfg: C.EvalConfig, outdir: Pa
         ref = reference_samples(test, data_cfg, seed=_stream_seed(seed, 4), dtype=torch.float64, device="cpu")
         if eval_cfg.quality:
             s.update(sample_quality(x, ref, seed=_stream_seed(seed, 5)))
+        if eval_cfg.fd and x.dim() == 4:
+            s.update(image_fd(x, test, data_cfg, eval_cfg, seed=run.cfg.seed, device=device))
         fig = outdir / (f"samples_{label}.png" if label else SAMPLES_NAME)
         save_sample_figure(x, fig, data_cfg, reference=ref if x.dim() == 2 else None,
                            title=f"{label or sampler_cfg.method}: NFE {s['nfe_mean']:.0f}")
@@ -460,7 +478,8 @@ def train_model(c, outdir: Path, device, dtype, progress: bool = True):
         extra = {"select_metric": "val_loss", "select_mode": "min", "patience": c.train.patience or 0}
     options = C.build_train_options(c.train, c.seed, **extra)
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"training {type(model.net).__name__} ({n_params:,} parameters) on {c.data.name} ({len(train_ds)} examples), "
+    net_name = type(getattr(model.net, "net", model.net)).__name__
+    _log(f"training {net_name} ({n_params:,} parameters) on {c.data.name} ({len(train_ds)} examples), "
          f"sde={c.sde.name}, continuous={c.train.continuous}, {c.train.n_iters} steps, device={device}")
     t0 = time.perf_counter()
     result = train(model, loss_fn, train_ds.x, options, outdir, prepare=prepare, eval_fn=eval_fn, resume=True, progress=progress)
@@ -631,6 +650,12 @@ def _compare_row(variant: str, m: dict, labels: list) -> dict:
         row[f"{label}_nfe"] = s["nfe_mean"] if s else None
         row[f"{label}_mmd2"] = s.get("mmd2") if s else None
         row[f"{label}_swd"] = s.get("swd") if s else None
+        row[f"{label}_fd"] = s.get("fd") if s else None
+        row[f"{label}_nonfinite"] = s.get("nonfinite") if s else None
+        if s and s.get("fd_floor") is not None:
+            row["fd_floor"] = s["fd_floor"]
+        if s and s.get("mmd2_floor") is not None:
+            row["mmd2_floor"] = s["mmd2_floor"]
     return row
 
 
@@ -643,17 +668,23 @@ def _write_compare_table(rows: list, labels: list, outdir: Path) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
-    head = ["variant", "test NLL (ODE) bits/dim", "test DDPM ELBO bits/dim"] + [f"{l}: NFE / MMD²" for l in labels]
+    use_fd = any(r.get(f"{l}_fd") is not None for r in rows for l in labels)
+    q = "FD" if use_fd else "MMD²"
+    head = ["variant", "test NLL (ODE) bits/dim", "test DDPM ELBO bits/dim"] + [f"{l}: method, NFE, {q}" for l in labels]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["variant"], _fmt_pm(r["ode_nll_bpd"], r["ode_nll_bpd_se"]), _fmt_pm(r["elbo_bpd"], r["elbo_bpd_se"])]
         for l in labels:
             if r.get(f"{l}_nfe") is None:
                 cells.append("n/a")
-            else:
-                mmd = r.get(f"{l}_mmd2")
-                cells.append(f"{r[f'{l}_method']} {r[f'{l}_nfe']:.0f} / " + (f"{mmd:.4f}" if mmd is not None else "–"))
+                continue
+            v = r.get(f"{l}_fd") if use_fd else r.get(f"{l}_mmd2")
+            bad = r.get(f"{l}_nonfinite") or 0
+            cells.append(f"{r[f'{l}_method']}, {r[f'{l}_nfe']:.0f}, " + (f"{v:.4g}" if v is not None else "–") + (f" ({bad} non-finite)" if bad else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    floor = next((r.get("fd_floor" if use_fd else "mmd2_floor") for r in rows if r.get("fd_floor" if use_fd else "mmd2_floor") is not None), None)
+    if floor is not None:
+        lines += ["", f"{q} between training and test images of the same count (the floor): {floor:.4g}"]
     (outdir / "comparison.md").write_text("\n".join(lines) + "\n")
 
 
@@ -678,15 +709,20 @@ def _plot_compare(all_metrics: dict, labels: list, path: Path) -> None:
     ax.set_xticks(range(len(vs)), vs)
     ax.set_ylabel("test bits/dim")
     ax = axes[1]
+    all_s = [s for v in vs for s in all_metrics["variants"][v]["samplers"].values() if s]
+    key = "fd" if any(s.get("fd") is not None for s in all_s) else "mmd2"
     for i, v in enumerate(vs):
         for j, l in enumerate(labels):
             s = all_metrics["variants"][v]["samplers"].get(l)
-            if s and s.get("mmd2") is not None:
-                ax.scatter(s["nfe_mean"], max(s["mmd2"], 1e-6), color=f"C{i}", marker="osd^vx"[j % 6], label=f"{v}/{l}")
+            if s and s.get(key) is not None:
+                ax.scatter(s["nfe_mean"], max(s[key], 1e-6), color=f"C{i}", marker="osd^vx"[j % 6], label=f"{v}/{l}")
+    floor = next((s.get(f"{key}_floor") for s in all_s if s.get(f"{key}_floor") is not None), None)
+    if floor is not None and floor > 0:
+        ax.axhline(floor, color="0.5", ls="--", lw=1, label="data floor")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE")
-    ax.set_ylabel("MMD² to test data")
+    ax.set_ylabel(("Fréchet distance (classifier features)" if key == "fd" else "MMD²") + " to test data")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
@@ -857,7 +893,11 @@ def _hydra_app(config_name: str, run_fn: Callable) -> Callable:
             print(f"Config error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
         outdir = Path(HydraConfig.get().runtime.output_dir)
-        metrics = run_fn(obj, outdir)
+        try:
+            metrics = run_fn(obj, outdir)
+        except C.ConfigError as e:  # a cross-check needing the run (e.g. a sampler that the trained SDE cannot use)
+            print(f"Config error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
         return _objective(metrics)
 
     return app

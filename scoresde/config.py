@@ -512,7 +512,13 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class EvalConfig:
-    """What a run evaluates: samples (grid + quality metrics + NFE) and likelihoods (ODE NLL, DDPM ELBO)."""
+    """What a run evaluates: samples (grid + quality metrics + NFE) and likelihoods (ODE NLL, DDPM ELBO).
+
+    ``fd``: for image data, also the Fréchet distance of the samples to the test split on the features
+    of a small classifier trained on the same data set (``scoresde.features``; trained once and cached
+    in ``feature_cache``, default ``scoresde.features.default_cache_dir()``), with the same distance
+    between a training subset and the test split as its floor. ``elbo_terms``: null sums all N terms.
+    """
 
     n_samples: int = 256
     batch_size: int = 256
@@ -527,6 +533,8 @@ class EvalConfig:
     elbo: bool = False
     elbo_terms: Optional[int] = None
     use_ema: bool = True
+    fd: bool = False
+    feature_cache: Optional[str] = None
 
     def check(self, p: str = "eval") -> None:
         _int_at_least(p, "n_samples", self.n_samples, 0)
