@@ -22,6 +22,7 @@ All per-sample outputs have shape ``(B,)``; log-densities are in nats, bits/dim 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -176,35 +177,38 @@ def _default_chunk(B: int, D: int) -> int:
     return max(1, min(D, (1 << 22) // max(1, B * D)))
 
 
-def _drift_and_vjps(drift, x: torch.Tensor, vectors_iter, vectorize: bool):
-    """``f~(x)`` and, for each chunk of vectors ``V`` ``(c, B, *dims)``, the quadratic forms
-    ``v^T (d f~/dx) v`` per sample, stacked to ``(sum c, B)``.
+def _drift_and_vjps(drift, x: torch.Tensor, chunks: list, vectorize: bool):
+    """``f~(x)`` and the quadratic forms ``v^T (d f~/dx) v`` per sample for every vector ``v`` of every
+    chunk; ``chunks`` is a list of zero-argument callables each returning vectors ``(c, B, *dims)``
+    (built lazily, so the exact trace never holds the whole basis). Returns ``(f~ like x, (sum c, B))``.
 
     One forward evaluation of the drift (one ``score_fn`` call) with autograd, then vector-Jacobian
     products ``v^T (d f~/dx)`` by reverse mode: batched over a chunk (``is_grads_batched``, i.e. vmap over
-    the backward pass) or, with ``vectorize=False``, one backward pass per vector.
+    the backward pass) or, with ``vectorize=False``, one backward pass per vector. The graph is released
+    by the last backward pass.
     """
     with torch.enable_grad():
         y = x.detach().requires_grad_(True)
         out = drift(y)
         quad = []
-        for V in vectors_iter:  # chunks are built lazily; the graph is freed when ``out`` goes
+        for ci, make in enumerate(chunks):
+            V = make()
+            last = ci == len(chunks) - 1
             if vectorize and V.shape[0] > 1:
-                (vj,) = torch.autograd.grad(out, y, V, retain_graph=True, is_grads_batched=True)
+                (vj,) = torch.autograd.grad(out, y, V, retain_graph=not last, is_grads_batched=True)
             else:
-                vj = torch.stack([torch.autograd.grad(out, y, v, retain_graph=True)[0] for v in V])
+                n = V.shape[0]
+                vj = torch.stack([torch.autograd.grad(out, y, V[j], retain_graph=not (last and j == n - 1))[0] for j in range(n)])
             quad.append((vj * V).flatten(2).sum(-1))
     return out.detach(), torch.cat(quad, 0).detach()
 
 
-def _basis_chunks(x: torch.Tensor, chunk: int):
-    """Standard basis ``e_d`` (the same for every sample), in chunks of shape ``(c, B, *dims)``."""
-    B, D = x.shape[0], x[0].numel()
-    for start in range(0, D, chunk):
-        stop = min(D, start + chunk)
-        E = torch.zeros(stop - start, D, device=x.device, dtype=x.dtype)
-        E[torch.arange(stop - start, device=x.device), torch.arange(start, stop, device=x.device)] = 1.0
-        yield E[:, None, :].expand(stop - start, B, D).reshape((stop - start,) + tuple(x.shape))
+def _basis_chunk(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Standard basis vectors ``e_start .. e_{stop-1}`` (the same for every sample), shape ``(stop - start, B, *dims)``."""
+    B, D, c = x.shape[0], x[0].numel(), stop - start
+    E = torch.zeros(c, D, device=x.device, dtype=x.dtype)
+    E[torch.arange(c, device=x.device), torch.arange(start, stop, device=x.device)] = 1.0
+    return E[:, None, :].expand(c, B, D).reshape((c,) + tuple(x.shape))
 
 
 def _draw_probes(P: int, x: torch.Tensor, noise: str, generator) -> torch.Tensor:
@@ -324,8 +328,11 @@ def log_likelihood(
         tb = t.expand(B)
         if progress and bar.n < float(t) - eps:
             bar.update(float(t) - eps - bar.n)
-        vectors = _basis_chunks(y, chunk) if V is None else [V]
-        dy, quad = _drift_and_vjps(lambda u: ode_drift(counted_score, sde, u, tb), y, vectors, vectorize)
+        if V is None:
+            chunks = [functools.partial(_basis_chunk, y, i, min(D, i + chunk)) for i in range(0, D, chunk)]
+        else:
+            chunks = [lambda: V]
+        dy, quad = _drift_and_vjps(lambda u: ode_drift(counted_score, sde, u, tb), y, chunks, vectorize)
         ddelta = quad.sum(0, keepdim=True) if V is None else quad  # (P, B)
         return torch.cat([dy.reshape(B, D), ddelta.T], dim=1)
 
