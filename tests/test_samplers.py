@@ -109,9 +109,16 @@ def test_every_predictor_corrector_reaches_noise_floor(sde_name, predictor, corr
     if predictor == "none" and corrector == "none":
         pytest.skip("nothing to run")
     kw = {"steps": 500, "predictor": predictor, "corrector": corrector}
-    if predictor == "none":  # corrector alone: annealed Langevin needs more steps per level
-        kw.update(steps=100, n_steps=30, snr=0.3)
+    if predictor == "none":  # corrector alone = method "langevin": more steps per level, levels uniform in log-SNR
+        kw.update(steps=100, n_steps=30, snr=0.3, schedule="logSNR")
     assert_at_noise_floor(draw(sde_name, 2, "pc", **kw).x, 2, f"{sde_name} pc {kw}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sde_name", ["vp", "subvp", "ve"])
+def test_langevin_per_sample_norms_in_high_dimension(sde_name):
+    """Per-sample Langevin step sizes (batch-independent) are fine where the norms concentrate (D = 64)."""
+    assert_at_noise_floor(draw(sde_name, 64, "pc", steps=500, langevin_norm="sample").x, 64, f"{sde_name} langevin_norm=sample")
 
 
 def test_ddim_eta1_and_ancestral_same_distribution():
