@@ -339,3 +339,12 @@ def test_library_never_imports_hydra():
         if "import hydra" in text or "from hydra" in text or "omegaconf" in text:
             offenders.append(str(p.relative_to(ROOT)))
     assert offenders == []
+
+
+@pytest.mark.parametrize("launcher, target", [("joblib", "JoblibLauncher"), ("submitit_local", "LocalLauncher"),
+                                              ("submitit_slurm", "SlurmLauncher")])
+def test_launcher_plugins_are_selectable_by_config(hydra_ctx, launcher, target):
+    """Sweeps go beyond one process through Hydra's own launcher plugins, chosen by a config option."""
+    cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.callbacks.collate._target_ == "scoresde.cli.CollateCallback"
