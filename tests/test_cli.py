@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scoresde.cli import collate_runs, compare_main, nll_main, report_main, sample_main, train_main
+from scoresde.cli import collate_runs, nll_main, report_main, sample_main, train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train=tiny", "eval=tiny", "progress=false"]
@@ -165,8 +165,14 @@ def test_score_sde_config_file_runs(tmp_path):
 
 def test_compare_tiny(tmp_path):
     d = tmp_path / "cmp"
+    # through experiments/ddpm_vs_sde.py (experiment=ddpm_vs_sde by default; --publish copies the table);
     # the experiment's own train.* values win over the train=tiny group, so set them explicitly
-    compare_main(TINY + ["experiment=ddpm_vs_sde", "train.n_iters=10", "train.eval_every=0", "train.warmup=2",
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddpm_vs_sde", ROOT / "experiments" / "ddpm_vs_sde.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--publish", str(tmp_path / "pub")] + TINY + ["train.n_iters=10", "train.eval_every=0", "train.warmup=2",
                          "train.batch_size=16", "data.n_train=64", "data.n_eval=6",
                          "model.hidden=16", "model.depth=1", "eval.n_samples=6",
                          "compare.variants=[ddpm,subvp,ve]",
@@ -187,6 +193,9 @@ def test_compare_tiny(tmp_path):
     md = (d / "comparison.md").read_text()
     assert "| ddpm |" in md and "n/a" in md
     assert is_png(d / "comparison.png")
+    pub = (tmp_path / "pub" / "ddpm_vs_sde.md").read_text()
+    assert "- commit: `" in pub and "- machine: " in pub and "| ddpm |" in pub
+    assert (tmp_path / "pub" / "ddpm_vs_sde.csv").read_text() == (d / "comparison.csv").read_text()
     for v in ("ddpm", "subvp", "ve"):  # each variant dir is a complete train run
         assert (d / v / "config.yaml").is_file() and (d / v / "checkpoint.pt").is_file()
         assert is_png(d / v / "samples_fast.png")
