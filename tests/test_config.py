@@ -3,7 +3,6 @@ library objects the configs describe, and the score_sde (ml-collections) bridge 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
