@@ -218,6 +218,11 @@ class VPSDE(SDE):
         if schedule == "linear" and not beta_min < beta_max:
             raise ValueError(f"beta_min must be < beta_max; got beta_min={beta_min}, beta_max={beta_max}")
         if schedule == "linear":
+            if not beta_max < N:
+                raise ValueError(
+                    f"N must be > beta_max for the linear VP schedule (DDPM's discrete betas beta_max/N must be < 1); "
+                    f"got N={N}, beta_max={beta_max}"
+                )
             self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N, dtype=torch.float64)
         else:
             s = self.COSINE_S

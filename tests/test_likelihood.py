@@ -242,9 +242,9 @@ def test_bad_data_rejected():
     with pytest.raises(TypeError, match="VPSDE"):
         ddpm_elbo(lambda x, i: x, VESDE(), k, levels=17)
     with pytest.raises(ValueError, match="terms"):
-        ddpm_elbo(lambda x, i: _never(x, i), VPSDE(N=10), torch.tensor([[0, 1]]), levels=17, terms=10)
+        ddpm_elbo(lambda x, i: _never(x, i), VPSDE(beta_max=5.0, N=10), torch.tensor([[0, 1]]), levels=17, terms=10)
     with pytest.raises(ValueError, match="levels"):
-        ddpm_elbo(lambda x, i: _never(x, i), VPSDE(N=10), k, levels=17)
+        ddpm_elbo(lambda x, i: _never(x, i), VPSDE(beta_max=5.0, N=10), k, levels=17)
 
 
 # ------------------------------------------------------------------------------------------

@@ -236,6 +236,7 @@ def test_marginal_prob_matches_euler_maruyama_simulation(name):
         (lambda: VPSDE(beta_min=-0.1), "beta_min"),
         (lambda: VPSDE(N=0), "N"),
         (lambda: VPSDE(N=2.5), "N"),
+        (lambda: VPSDE(beta_max=20.0, N=20), "N must be > beta_max"),
         (lambda: VPSDE(schedule="quadratic"), "schedule"),
         (lambda: SubVPSDE(beta_min=5.0, beta_max=1.0), "beta_min"),
         (lambda: SubVPSDE(N=-3), "N"),
