@@ -21,7 +21,7 @@ per-sample standard error per dim (Hutchinson, P > 1), NFE (score calls) and wal
 ``--repeats``). The oracle score is far cheaper than a network (~0.7 ms per call at D = 3072, B = 8),
 so solver overhead shows in its timings (torchdiffeq's dopri5 costs ~0.9 ms per evaluation on a
 25k-element CPU state, scipy's RK45 ~0.13 ms); the ``oracle + MLP cost`` rows add a network's cost to
-each call (see ``with_network_cost``; timed once) to show the regime where NFE decides.
+each call (see ``with_network_cost``) to show the regime where NFE decides.
 
     OMP_NUM_THREADS=1 python benchmarks/likelihood.py --out benchmarks/results/likelihood
 """
@@ -194,7 +194,7 @@ def main(argv=None):
     if args.cost_width:
         for D, n in zip(args.dims, args.batch):
             if D in args.cost_dims:
-                rows += bench_dim(D, n, 1, False, False, args.seed, args.cost_width)
+                rows += bench_dim(D, n, args.repeats, False, False, args.seed, args.cost_width)
     if args.out:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         cmd = "python benchmarks/likelihood.py " + " ".join(sys.argv[1:] if argv is None else argv)

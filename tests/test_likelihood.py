@@ -361,3 +361,17 @@ def test_ddpm_elbo_terms_and_sampled_estimate_is_unbiased():
     # both variances are valid bounds; "small" sigma^2 = beta~ has no variance-mismatch term
     small = ddpm_elbo(eps_fn, sde, k, levels, True, variance="small", generator=gen(300), dtype=F64)
     assert torch.isfinite(small.bpd).all()
+
+
+def test_evaluate_accepts_iterables_of_labelled_batches():
+    """A DataLoader-like iterable of (batch, label) gives the same numbers as the tensor split into batches."""
+    sde, levels = VPSDE(), 17
+    gm = unit_mixture(False)
+    k = quantise(gm.sample(12, gen(21), dtype=F64), levels, False)
+    kw = dict(levels=levels, centered=False, dtype=F64, divergence="exact")
+    a = evaluate_bpd(gm.score_fn(sde), sde, k, batch_size=5, generator=gen(22), **kw)
+    loader = [(b, torch.zeros(len(b))) for b in torch.split(k, 5)]
+    b = evaluate_bpd(gm.score_fn(sde), sde, loader, generator=gen(22), progress=True, **kw)
+    assert torch.equal(a.bpd, b.bpd) and a.bpd.shape == (12,) and a.nfe == b.nfe
+    e = evaluate_elbo(gm.ddpm_eps_fn(VPSDE(N=50)), VPSDE(N=50), loader, levels, False, generator=gen(23), dtype=F64)
+    assert e.bpd.shape == (12,) and e.nfe == 3 * 50 and math.isfinite(e.mean)
