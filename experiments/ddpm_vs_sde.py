@@ -50,6 +50,7 @@ def _machine() -> str:
 def main(argv=None) -> None:
     from scoresde.cli import compare_main
 
+    argv_given = None if argv is None else list(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     publish = None
     if "--publish" in argv:
@@ -66,7 +67,7 @@ def main(argv=None) -> None:
     if publish is not None and run_dir is None:
         run_dir = f"outputs/compare/{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         argv.append(f"hydra.run.dir={run_dir}")
-    t0 = time.time()
+    t0, commit = time.time(), _commit()  # the code the run starts from
     compare_main(argv)
     if publish is not None:
         publish.mkdir(parents=True, exist_ok=True)
@@ -75,12 +76,12 @@ def main(argv=None) -> None:
         for ext in ("csv", "png"):
             shutil.copyfile(src / f"comparison.{ext}", publish / f"{stem}.{ext}")
         shutil.copyfile(src / "metrics.json", publish / f"{stem}_metrics.json")
-        cmd = "python experiments/ddpm_vs_sde.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if True)
+        cmd = "python experiments/ddpm_vs_sde.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv_given is None else argv_given))
         header = [
             f"# {stem}: discrete DDPM vs continuous VP / sub-VP / VE",
             "",
             f"- command: `{cmd}`",
-            f"- commit: `{_commit()}`",
+            f"- commit: `{commit}`",
             f"- machine: {_machine()}",
             f"- wall time: {(time.time() - t0) / 60:.1f} min",
             f"- run directory: `{src}` (config.yaml there holds every setting)",
