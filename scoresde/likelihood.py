@@ -325,7 +325,8 @@ def log_likelihood(
 
     def rhs(t, state):
         y = state[:, :D].reshape(shape)
-        tb = t.expand(B)
+        # clamp: torchdiffeq's initial-step heuristic may probe beyond T (seen at t = 1.6 under VE)
+        tb = t.clamp(eps, sde.T).expand(B)
         if progress and bar.n < float(t) - eps:
             bar.update(float(t) - eps - bar.n)
         if V is None:
