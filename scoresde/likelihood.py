@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .data.transforms import scale_affine, uniform_dequantize
 from .sde import SDE, VPSDE, batch_broadcast
+from .samplers.ode import per_sample_rms_norm
 
 __all__ = [
     "LikelihoodResult",
@@ -220,19 +221,6 @@ def _draw_probes(P: int, x: torch.Tensor, noise: str, generator) -> torch.Tensor
     return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _sample_max_norm(B: int):
-    """Error norm with per-sample control: the RMS error ratio of each sample's own augmented state
-    ``[x, delta_1..delta_P]``, then the max over samples, so the tolerance binds on the worst sample.
-
-    torchdiffeq's default RMS over the whole state controls the *average* sample: at rtol = atol = 1e-5
-    single samples of a 2-D batch then err by up to ~6e-3 nats/dim while the mean error is ~6e-5."""
-
-    def norm(r: torch.Tensor) -> torch.Tensor:
-        return r.reshape(B, -1).pow(2).mean(1).max().sqrt()
-
-    return norm
-
-
 def log_likelihood(
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sde: SDE,
@@ -341,7 +329,7 @@ def log_likelihood(
     opts = dict(options or {})
     if method in ADAPTIVE_METHODS:
         if error_norm == "sample_max":
-            opts.setdefault("norm", _sample_max_norm(B))
+            opts.setdefault("norm", per_sample_rms_norm(B))
         opts.setdefault("step_t", ts[1:])  # land on T exactly: never evaluate the score beyond T
     state0 = torch.cat([x.detach().reshape(B, D), torch.zeros(B, P, device=x.device, dtype=x.dtype)], dim=1)
     try:
