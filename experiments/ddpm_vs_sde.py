@@ -87,7 +87,7 @@ def main(argv=None) -> None:
             f"- run directory: `{src}` (config.yaml there holds every setting)",
             "",
         ]
-        (publish / f"{stem}.md").write_text("\n".join(header) + (src / "comparison.md").read_text())
+        (publish / f"{stem}.md").write_text("\n".join(header) + "\n" + (src / "comparison.md").read_text())
         print(f"published to {publish}/{stem}.*")
 
 

@@ -695,7 +695,7 @@ def _plot_compare(all_metrics: dict, labels: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     vs = list(all_metrics["variants"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
     ax = axes[0]
     for i, v in enumerate(vs):
         m = all_metrics["variants"][v]
@@ -722,8 +722,8 @@ def _plot_compare(all_metrics: dict, labels: list, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("NFE")
-    ax.set_ylabel(("Fréchet distance (classifier features)" if key == "fd" else "MMD²") + " to test data")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_ylabel("FD to test (classifier features)" if key == "fd" else "MMD² to test data")
+    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
