@@ -146,7 +146,7 @@ def bench_dim(D: int, n: int, repeats: int, exact: bool, exact_reference: bool, 
     for P in (1, 4, 16):
         r, s = run_method("hutch", lambda: log_likelihood(score, sde, x, probes=P, generator=torch.Generator().manual_seed(seed + P)), repeats)
         record(f"ours hutch {P}", r.logp, r.z, r.nfe, s, r.stderr)
-    r, s = run_method("hutch", lambda: log_likelihood(score, sde, x, probes=1, error_norm="batch_rms",
+    r, s = run_method("hutch", lambda: log_likelihood(score, sde, x, probes=1, error_norm="batch",
                                                       generator=torch.Generator().manual_seed(seed + 1)), repeats)
     record("ours hutch 1, batch-RMS norm", r.logp, r.z, r.nfe, s)
     (logp, z, nfe), s = run_method("ref", lambda: reference_likelihood(score, sde, x, seed + 1), repeats)

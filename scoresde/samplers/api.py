@@ -9,7 +9,7 @@ import torch
 from ..sde import SDE, VESDE
 from ._common import SCHEDULES, CountingScore, Noise, SampleResult, default_eps, time_grid
 from .fast import sample_ddim, sample_dpm_solver, sample_heun
-from .ode import ADAPTIVE_ODE_METHODS, FIXED_ODE_METHODS, ODE_METHODS, sample_ode
+from .ode import ADAPTIVE_ODE_METHODS, ERROR_NORMS, FIXED_ODE_METHODS, ODE_METHODS, sample_ode
 from .pc import CORRECTORS, PREDICTORS, sample_langevin, sample_pc
 
 __all__ = ["sample", "METHODS", "DEFAULT_STEPS"]
@@ -131,7 +131,7 @@ def _resolve(method: str, sde: SDE, shape, steps, generator, options: dict) -> d
         _choice("ode_method", o["ode_method"], ODE_METHODS)
         _pos_float("rtol", o["rtol"])
         _pos_float("atol", o["atol"])
-        _choice("error_norm", o["error_norm"], ("per_sample", "batch"))
+        _choice("error_norm", o["error_norm"], ERROR_NORMS)
         _pos_int("trajectory_points", o["trajectory_points"])
     if method == "ddim":
         eta = _pos_float("eta", o["eta"], allow_zero=True)

@@ -11,11 +11,15 @@ import torch
 from ..sde import SDE
 from ._common import ScoreFn, full_t
 
-__all__ = ["ADAPTIVE_ODE_METHODS", "FIXED_ODE_METHODS", "ODE_METHODS", "probability_flow_drift", "sample_ode", "per_sample_rms_norm"]
+__all__ = ["ADAPTIVE_ODE_METHODS", "FIXED_ODE_METHODS", "ODE_METHODS", "ERROR_NORMS", "probability_flow_drift", "sample_ode",
+           "per_sample_rms_norm"]
 
 ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "scipy_rk45")
 FIXED_ODE_METHODS = ("euler", "midpoint", "rk4")
 ODE_METHODS = ADAPTIVE_ODE_METHODS + FIXED_ODE_METHODS
+# error norm of an adaptive solve of a batch (here and in ``scoresde.likelihood``): ``"per_sample"`` is
+# ``per_sample_rms_norm`` (the tolerance holds for every sample), ``"batch"`` torchdiffeq's RMS over the whole state
+ERROR_NORMS = ("per_sample", "batch")
 
 
 def probability_flow_drift(score_fn: ScoreFn, sde: SDE, t_min: float = 0.0):
