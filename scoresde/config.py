@@ -10,7 +10,12 @@ library itself takes plain Python objects. Three layers:
 2. **Validation** -- ``validate(cfg)`` converts the composed config to dataclass instances and calls
    each one's ``check(prefix)``, which raises :class:`ConfigError` (a ``ValueError``) naming the field
    and the allowed values for anything out of range (a negative learning rate, ``beta_min >= beta_max``,
-   an unknown predictor, ...). The entry points call it before any data is loaded.
+   an unknown predictor, ...). The entry points call it before any data is loaded. Where the library
+   object a group describes is cheap to build (the SDE, ``train.TrainOptions``), ``check`` builds it and
+   the library's own validation is the rule: its ``ValueError`` comes back as a ``ConfigError`` naming the
+   full config key (``_library_check``). ``check`` itself only holds what the library cannot know:
+   config-only fields and encodings, cross-group combinations, and groups whose object is expensive to
+   build or needs the data (the networks, the data set).
 3. **Builders** -- ``build_sde``, ``build_model``, ``build_loss``, ``build_train_options``,
    ``sampler_kwargs``, ... turn the validated dataclasses into library objects.
 
@@ -24,8 +29,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -109,6 +115,21 @@ def _check_method_name(prefix, value, expected):
         raise ConfigError(f"{prefix} must be {expected!r} for this schema; got {value!r} (choose another {prefix.split('.')[0]} group option instead)")
 
 
+def _library_check(prefix: str, build: Callable[[], Any], keys: Dict[str, str]) -> Any:
+    """Validate a config group by building the (cheap) library object it describes: ``build()``.
+
+    The library's ``ValueError`` is re-raised as ``ConfigError`` with every library argument name in
+    ``keys`` (library name -> config field) replaced by the full config key ``prefix.field``, e.g.
+    ``"N must be > beta_max ..."`` -> ``"sde.N must be > sde.beta_max ..."``. Returns the built object.
+    """
+    try:
+        return build()
+    except ValueError as e:
+        names = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
+        msg = re.sub(rf"(?<![\w.])({names})(?!\w)", lambda m: _name(prefix, keys[m.group(1)]), str(e))
+        raise ConfigError(msg) from None
+
+
 # --------------------------------------------------------------------------------------------
 # SDE group: sde=vp | vp_cosine | subvp | ve
 # --------------------------------------------------------------------------------------------
@@ -123,16 +144,9 @@ class VPSDEConfig:
     schedule: str = "linear"
 
     def check(self, p: str = "sde") -> None:
+        """``VPSDE.__init__`` validates the values (beta_min < beta_max, N > beta_max, ...)."""
         _check_method_name(_name(p, "name"), self.name, "vp")
-        _positive(p, "beta_min", self.beta_min)
-        _positive(p, "beta_max", self.beta_max)
-        _int_at_least(p, "N", self.N, 1)
-        _choice(p, "schedule", self.schedule, ("linear", "cosine"))
-        if self.schedule == "linear" and not self.beta_min < self.beta_max:
-            raise ConfigError(f"{p}.beta_min must be < {p}.beta_max; got beta_min={self.beta_min}, beta_max={self.beta_max}")
-        if self.schedule == "linear" and not self.beta_max / self.N < 1:
-            raise ConfigError(f"{p}.N must be > {p}.beta_max: the discrete DDPM betas linspace(beta_min/N, beta_max/N, N) "
-                              f"must stay below 1; got N={self.N}, beta_max={self.beta_max}")
+        _library_check(p, lambda: build_sde(self), _sde_keys(self))
 
 
 @dataclass
@@ -145,12 +159,9 @@ class SubVPSDEConfig:
     N: int = 1000
 
     def check(self, p: str = "sde") -> None:
+        """``SubVPSDE.__init__`` validates the values."""
         _check_method_name(_name(p, "name"), self.name, "subvp")
-        _positive(p, "beta_min", self.beta_min)
-        _positive(p, "beta_max", self.beta_max)
-        _int_at_least(p, "N", self.N, 1)
-        if not self.beta_min < self.beta_max:
-            raise ConfigError(f"{p}.beta_min must be < {p}.beta_max; got beta_min={self.beta_min}, beta_max={self.beta_max}")
+        _library_check(p, lambda: build_sde(self), _sde_keys(self))
 
 
 @dataclass
@@ -163,12 +174,14 @@ class VESDEConfig:
     N: int = 1000
 
     def check(self, p: str = "sde") -> None:
+        """``VESDE.__init__`` validates the values."""
         _check_method_name(_name(p, "name"), self.name, "ve")
-        _positive(p, "sigma_min", self.sigma_min)
-        _positive(p, "sigma_max", self.sigma_max)
-        _int_at_least(p, "N", self.N, 1)
-        if not self.sigma_min < self.sigma_max:
-            raise ConfigError(f"{p}.sigma_min must be < {p}.sigma_max; got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}")
+        _library_check(p, lambda: build_sde(self), _sde_keys(self))
+
+
+def _sde_keys(c) -> Dict[str, str]:
+    """The SDE constructors' argument names are the config's field names (all but ``name``)."""
+    return {f.name: f.name for f in fields(c) if f.name != "name"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,26 +498,42 @@ class TrainConfig:
     patience: Optional[int] = None
 
     def check(self, p: str = "train") -> None:
-        _int_at_least(p, "n_iters", self.n_iters, 0)
-        _int_at_least(p, "batch_size", self.batch_size, 1)
-        _positive(p, "lr", self.lr)
-        _in_unit(p, "beta1", self.beta1)
-        _in_unit(p, "beta2", self.beta2)
-        _positive(p, "adam_eps", self.adam_eps)
-        _positive(p, "weight_decay", self.weight_decay, allow_zero=True)
-        _int_at_least(p, "warmup", self.warmup, 0)
+        """The optimisation fields are validated by ``train.TrainOptions`` (built by ``build_train_options``);
+        here only what it cannot know: the config's own encodings and stricter ranges (``grad_clip=0`` is
+        "no clipping", ``ckpt_every >= 1``, no ``amp=auto``), ``patience``, and the loss fields (the loss
+        needs the SDE)."""
+        # config-only: these come first, so their (narrower or different) allowed values are the ones reported
         _positive(p, "grad_clip", self.grad_clip, allow_zero=True)
+        _int_at_least(p, "ckpt_every", self.ckpt_every, 1)
+        _choice(p, "amp", self.amp, ("off", "bf16", "fp16"))
+        # kept while TrainOptions words this rule "must be a number in [0, 1)" (tests pin "must lie in")
         _in_unit(p, "ema_rate", self.ema_rate)
+        _library_check(p, lambda: build_train_options(self, seed=0), _TRAIN_OPTION_KEYS)
         if self.importance_sampling and not self.likelihood_weighting:
             raise ConfigError(f"{p}.importance_sampling=true needs {p}.likelihood_weighting=true")
         if not (math.isfinite(self.eps) and 0 < self.eps < 1):
             raise ConfigError(f"{p}.eps must lie in (0, 1); got {self.eps!r}")
-        _choice(p, "amp", self.amp, ("off", "bf16", "fp16"))
-        _int_at_least(p, "log_every", self.log_every, 1)
-        _int_at_least(p, "ckpt_every", self.ckpt_every, 1)
-        _int_at_least(p, "eval_every", self.eval_every, 0)
         if self.patience is not None:
             _int_at_least(p, "patience", self.patience, 1)
+
+
+# ``train.TrainOptions`` argument -> ``TrainConfig`` field (``build_train_options``; ``seed`` is the app's)
+_TRAIN_OPTION_KEYS = {
+    "n_steps": "n_iters",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "beta1": "beta1",
+    "beta2": "beta2",
+    "adam_eps": "adam_eps",
+    "weight_decay": "weight_decay",
+    "warmup": "warmup",
+    "grad_clip": "grad_clip",
+    "ema_rate": "ema_rate",
+    "amp": "amp",
+    "log_every": "log_every",
+    "checkpoint_every": "ckpt_every",
+    "eval_every": "eval_every",
+}
 
 
 SPLITS = ("train", "val", "test")
@@ -594,7 +623,7 @@ class CompareConfig:
                 raise ConfigError(f"{p}.sde_overrides.{v}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
             schemas[v](**(over or {})).check(f"{p}.sde_overrides.{v}")
         if self.ema_rate_ve is not None:
-            _in_unit(p, "ema_rate_ve", self.ema_rate_ve)
+            _in_unit(p, "ema_rate_ve", self.ema_rate_ve)  # as train.ema_rate
 
 
 # --------------------------------------------------------------------------------------------
@@ -911,23 +940,8 @@ def build_train_options(train_cfg: TrainConfig, seed: int, **extra):
     ``checkpoint_every``, ``grad_clip=0`` -> no clipping); ``extra`` adds model-selection options."""
     from .train import TrainOptions
 
-    wanted = {
-        "n_steps": train_cfg.n_iters,
-        "batch_size": train_cfg.batch_size,
-        "lr": train_cfg.lr,
-        "beta1": train_cfg.beta1,
-        "beta2": train_cfg.beta2,
-        "adam_eps": train_cfg.adam_eps,
-        "weight_decay": train_cfg.weight_decay,
-        "warmup": train_cfg.warmup,
-        "grad_clip": train_cfg.grad_clip if train_cfg.grad_clip > 0 else None,
-        "ema_rate": train_cfg.ema_rate,
-        "amp": train_cfg.amp,
-        "log_every": train_cfg.log_every,
-        "checkpoint_every": train_cfg.ckpt_every,
-        "eval_every": train_cfg.eval_every,
-        "seed": seed,
-    }
+    wanted = {opt: getattr(train_cfg, key) for opt, key in _TRAIN_OPTION_KEYS.items()}
+    wanted.update(grad_clip=train_cfg.grad_clip if train_cfg.grad_clip > 0 else None, seed=seed)
     wanted.update(extra)
     return TrainOptions(**wanted)
 

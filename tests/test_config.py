@@ -3,6 +3,7 @@ library objects the configs describe, and the score_sde (ml-collections) bridge 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,32 @@ def test_range_errors_name_the_field(hydra_ctx, overrides, pattern):
     cfg = make("train", overrides)
     with pytest.raises(C.ConfigError, match=pattern):
         C.validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["sde.beta_max=-1"], "sde.beta_max"),
+        (["sde=vp_cosine", "sde.beta_min=0"], "sde.beta_min"),
+        (["sde=subvp", "sde.N=0"], "sde.N"),
+        (["sde=ve", "sde.sigma_max=-2"], "sde.sigma_max"),
+        (["train.n_iters=-1"], "train.n_iters"),
+        (["train.warmup=-1"], "train.warmup"),
+        (["train.beta2=1.0"], "train.beta2"),
+        (["train.weight_decay=-0.1"], "train.weight_decay"),
+        (["train.eval_every=-1"], "train.eval_every"),
+    ],
+)
+def test_library_validation_is_reported_under_the_config_key(hydra_ctx, overrides, key):
+    """The SDE and optimisation groups are validated by the library objects they build: the config
+    reports the library's own rule, under the full config key."""
+    cfg = make("train", overrides)
+    with pytest.raises(C.ConfigError, match=rf"^{re.escape(key)} must be ") as config_err:
+        C.validate(cfg)
+    obj = OmegaConf.to_object(cfg)
+    with pytest.raises(ValueError) as library_err:
+        C.build_sde(obj.sde) if key.startswith("sde.") else C.build_train_options(obj.train, seed=0)
+    assert str(config_err.value).split(" must be ", 1)[1] == str(library_err.value).split(" must be ", 1)[1]
 
 
 def test_compare_config_errors(hydra_ctx):
