@@ -36,6 +36,11 @@ from typing import Any, Callable, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .data.datasets import DATASET_NAMES
+from .likelihood import DIVERGENCES
+from .samplers.api import METHOD_OPTIONS, check_method_options
+from .samplers.ode import ADAPTIVE_ODE_METHODS, FIXED_ODE_METHODS
+
 __all__ = [
     "ConfigError",
     "VPSDEConfig",
@@ -266,7 +271,6 @@ class OracleModelConfig:
 # --------------------------------------------------------------------------------------------
 # data group (one schema): data=gmm | swissroll | moons | eight_gaussians | checkerboard | digits | mnist | cifar10
 # --------------------------------------------------------------------------------------------
-DATASETS = ("gmm", "swissroll", "moons", "eight_gaussians", "checkerboard", "digits", "mnist", "cifar10")
 
 
 @dataclass
@@ -287,7 +291,7 @@ class DataConfig:
     dequantize: bool = True
 
     def check(self, p: str = "data") -> None:
-        _choice(p, "name", self.name, DATASETS)
+        _choice(p, "name", self.name, DATASET_NAMES)
         if self.n_train is not None:
             _int_at_least(p, "n_train", self.n_train, 1)
         if self.n_eval is not None:
@@ -297,16 +301,16 @@ class DataConfig:
 # --------------------------------------------------------------------------------------------
 # sampler group: sampler=pc | ancestral | langevin | ode | ddim | dpm_solver | heun
 # --------------------------------------------------------------------------------------------
-PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
-CORRECTORS = ("langevin", "annealed_langevin", "none")
-ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "scipy_rk45")
-FIXED_ODE_METHODS = ("euler", "midpoint", "rk4")
-SCHEDULES = ("time_uniform", "logSNR", "karras")
-
-
 def _check_steps(p, steps):
     if steps is not None:
         _int_at_least(p, "steps", steps, 1)
+
+
+def _check_method_options(p, c) -> None:
+    """The method's own options (all fields but ``method``, ``steps``, ``denoise``, ``eps``) are validated by
+    ``samplers.check_method_options``, the check ``sample`` runs; errors name ``p.<option>``."""
+    opts = {f.name: getattr(c, f.name) for f in fields(c) if f.name in METHOD_OPTIONS[c.method]}
+    _library_check(p, lambda: check_method_options(c.method, opts), {k: k for k in opts})
 
 
 def _check_eps(p, eps):
@@ -334,14 +338,7 @@ class PCSamplerConfig:
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "pc")
         _check_steps(p, self.steps)
-        _choice(p, "predictor", self.predictor, PREDICTORS)
-        _choice(p, "corrector", self.corrector, CORRECTORS)
-        if self.predictor == "none" and self.corrector == "none":
-            raise ConfigError(f"{p}.predictor and {p}.corrector cannot both be 'none'")
-        if self.probability_flow and self.predictor not in ("euler_maruyama", "reverse_diffusion"):
-            raise ConfigError(f"{p}.probability_flow=true needs {p}.predictor in ['euler_maruyama', 'reverse_diffusion']; got {self.predictor!r}")
-        _positive(p, "snr", self.snr)
-        _int_at_least(p, "n_steps", self.n_steps, 1)
+        _check_method_options(p, self)
         _check_eps(p, self.eps)
 
 
@@ -359,8 +356,7 @@ class LangevinSamplerConfig:
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "langevin")
         _check_steps(p, self.steps)
-        _positive(p, "snr", self.snr)
-        _int_at_least(p, "n_steps", self.n_steps, 1)
+        _check_method_options(p, self)
         _check_eps(p, self.eps)
 
 
@@ -383,15 +379,13 @@ class ODESamplerConfig:
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "ode")
         _check_steps(p, self.steps)
-        _choice(p, "ode_method", self.ode_method, ADAPTIVE_ODE_METHODS + FIXED_ODE_METHODS)
+        _check_method_options(p, self)
+        # config-only: the grid is explicit (the library would default a fixed grid to 100 steps)
         if self.ode_method in FIXED_ODE_METHODS and self.steps is None:
             raise ConfigError(f"{p}.steps must be set (an integer >= 1) for the fixed-grid ode_method={self.ode_method!r}")
         if self.ode_method in ADAPTIVE_ODE_METHODS and self.steps is not None:
             raise ConfigError(f"{p}.steps must be null for the adaptive ode_method={self.ode_method!r} (set {p}.rtol/{p}.atol; "
                               f"or pick a fixed-grid ode_method in {list(FIXED_ODE_METHODS)})")
-        _positive(p, "rtol", self.rtol)
-        _positive(p, "atol", self.atol)
-        _choice(p, "error_norm", self.error_norm, ("per_sample", "batch"))
         _check_eps(p, self.eps)
 
 
@@ -410,10 +404,7 @@ class DDIMSamplerConfig:
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "ddim")
         _check_steps(p, self.steps)
-        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
-            raise ConfigError(f"{p}.eta must lie in [0, 1]; got {self.eta!r}")
-        _choice(p, "schedule", self.schedule, SCHEDULES)
-        _positive(p, "rho", self.rho)
+        _check_method_options(p, self)
         _check_eps(p, self.eps)
 
 
@@ -434,9 +425,7 @@ class DPMSolverSamplerConfig:
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "dpm_solver")
         _check_steps(p, self.steps)
-        _choice(p, "order", self.order, (1, 2, 3))
-        _choice(p, "schedule", self.schedule, SCHEDULES)
-        _positive(p, "rho", self.rho)
+        _check_method_options(p, self)
         _check_eps(p, self.eps)
 
 
@@ -454,8 +443,7 @@ class HeunSamplerConfig:
     def check(self, p: str = "sampler") -> None:
         _check_method_name(_name(p, "method"), self.method, "heun")
         _check_steps(p, self.steps)
-        _choice(p, "schedule", self.schedule, SCHEDULES)
-        _positive(p, "rho", self.rho)
+        _check_method_options(p, self)
         _check_eps(p, self.eps)
 
 
@@ -570,7 +558,7 @@ class EvalConfig:
         _int_at_least(p, "batch_size", self.batch_size, 1)
         for s in self.splits:
             _choice(p, "splits[i]", s, SPLITS)
-        _choice(p, "divergence", self.divergence, ("exact", "hutchinson"))
+        _choice(p, "divergence", self.divergence, DIVERGENCES)
         _int_at_least(p, "probes", self.probes, 1)
         _positive(p, "rtol", self.rtol)
         _positive(p, "atol", self.atol)

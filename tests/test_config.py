@@ -160,18 +160,31 @@ def test_range_errors_name_the_field(hydra_ctx, overrides, pattern):
         (["train.beta2=1.0"], "train.beta2"),
         (["train.weight_decay=-0.1"], "train.weight_decay"),
         (["train.eval_every=-1"], "train.eval_every"),
+        (["sampler=pc", "sampler.corrector=mala"], "sampler.corrector"),
+        (["sampler=ddim", "sampler.eta=-0.5"], "sampler.eta"),
+        (["sampler.error_norm=l2"], "sampler.error_norm"),
+        (["sampler=heun", "sampler.rho=0"], "sampler.rho"),
     ],
 )
 def test_library_validation_is_reported_under_the_config_key(hydra_ctx, overrides, key):
-    """The SDE and optimisation groups are validated by the library objects they build: the config
-    reports the library's own rule, under the full config key."""
+    """The SDE, optimisation and sampler-option groups are validated by the library (building the SDE /
+    ``TrainOptions``; ``samplers.check_method_options``): the config reports the library's own rule,
+    under the full config key."""
+    from scoresde.samplers import check_method_options
+
     cfg = make("train", overrides)
-    with pytest.raises(C.ConfigError, match=rf"^{re.escape(key)} must be ") as config_err:
+    with pytest.raises(C.ConfigError, match=rf"^{re.escape(key)} must ") as config_err:
         C.validate(cfg)
     obj = OmegaConf.to_object(cfg)
     with pytest.raises(ValueError) as library_err:
-        C.build_sde(obj.sde) if key.startswith("sde.") else C.build_train_options(obj.train, seed=0)
-    assert str(config_err.value).split(" must be ", 1)[1] == str(library_err.value).split(" must be ", 1)[1]
+        if key.startswith("sde."):
+            C.build_sde(obj.sde)
+        elif key.startswith("train."):
+            C.build_train_options(obj.train, seed=0)
+        else:
+            kw = C.sampler_kwargs(obj.sampler)
+            check_method_options(kw.pop("method"), {k: v for k, v in kw.items() if k not in ("steps", "denoise", "eps")})
+    assert str(config_err.value).split(" must ", 1)[1] == str(library_err.value).split(" must ", 1)[1]
 
 
 def test_compare_config_errors(hydra_ctx):

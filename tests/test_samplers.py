@@ -14,7 +14,7 @@ import torch
 
 from scoresde import GaussianMixture, SubVPSDE, VESDE, VPSDE
 from scoresde.metrics import median_bandwidth, mmd2_unbiased
-from scoresde.samplers import CORRECTORS, PREDICTORS, CountingScore, sample
+from scoresde.samplers import CORRECTORS, METHOD_OPTIONS, PREDICTORS, CountingScore, check_method_options, sample
 
 F64 = torch.float64
 N_SAMPLES = {2: 1000, 64: 500}
@@ -324,6 +324,23 @@ def test_bad_options_raise_before_any_work(kw, match):
     with pytest.raises(ValueError, match=match):
         sample(counter, sde, shape, **kw)
     assert counter.calls == 0
+
+
+METHOD_ONLY_BAD = [kw for kw, _ in BAD if set(kw) - {"method"} and set(kw) - {"method"} <= set(METHOD_OPTIONS[kw.get("method", "pc")])]
+
+
+@pytest.mark.parametrize("kw", METHOD_ONLY_BAD, ids=[str(k) for k in METHOD_ONLY_BAD])
+def test_check_method_options_is_the_check_sample_runs(kw):
+    """The method-option part of ``sample``'s validation (also used by the config layer) on its own:
+    the same rejections with the same messages, and the defaults filled in when the options are good."""
+    kw = dict(kw)
+    method = kw.pop("method", "pc")
+    with pytest.raises(ValueError) as alone:
+        check_method_options(method, kw)
+    with pytest.raises(ValueError) as in_sample:
+        sample(mixture(2).score_fn(VPSDE()), VPSDE(), (4, 2), method=method, **kw)
+    assert str(alone.value) == str(in_sample.value)
+    assert check_method_options(method, {}) == METHOD_OPTIONS[method]
 
 
 @pytest.mark.parametrize("method", ["ddim", "dpm_solver"])

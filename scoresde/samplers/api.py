@@ -12,7 +12,7 @@ from .fast import sample_ddim, sample_dpm_solver, sample_heun
 from .ode import ADAPTIVE_ODE_METHODS, ERROR_NORMS, FIXED_ODE_METHODS, ODE_METHODS, sample_ode
 from .pc import CORRECTORS, PREDICTORS, sample_langevin, sample_pc
 
-__all__ = ["sample", "METHODS", "DEFAULT_STEPS"]
+__all__ = ["sample", "check_method_options", "METHODS", "METHOD_OPTIONS", "DEFAULT_STEPS"]
 
 METHODS = ("pc", "langevin", "ode", "ddim", "dpm_solver", "heun")
 
@@ -116,6 +116,23 @@ def _resolve(method: str, sde: SDE, shape, steps, generator, options: dict) -> d
     o["noise"] = noise = Noise(generator, shape[0], o["device"], dtype)  # checks the generator(s)
 
     # method options
+    o.update(check_method_options(method, {k: o[k] for k in METHOD_OPTIONS[method]}))
+    if method == "pc" and o["langevin_norm"] is None:  # per-sample norms exactly when per-sample generators ask for batch invariance
+        o["langevin_norm"] = "sample" if noise.generators is not None else "batch"
+    return o
+
+
+def check_method_options(method: str, options: dict) -> dict:
+    """Check ``method`` and its own options (keys of ``METHOD_OPTIONS[method]``; none needs the SDE) and
+    return them completed with the defaults. ``sample`` calls it; so does the config layer, to validate
+    a sampler config. Raises ``ValueError`` naming the option and its allowed values.
+    ``langevin_norm=None`` stays ``None`` (``sample`` picks it from the generators).
+    """
+    _choice("method", method, METHODS)
+    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {sorted(METHOD_OPTIONS[method])}")
+    o = {**METHOD_OPTIONS[method], **options}
     if method == "pc":
         _choice("predictor", o["predictor"], tuple(PREDICTORS))
         _choice("corrector", o["corrector"], tuple(CORRECTORS))
@@ -124,6 +141,8 @@ def _resolve(method: str, sde: SDE, shape, steps, generator, options: dict) -> d
         _bool("probability_flow", o["probability_flow"])
         if o["probability_flow"] and o["predictor"] not in ("euler_maruyama", "reverse_diffusion"):
             raise ValueError(f"probability_flow=True needs predictor in ('euler_maruyama', 'reverse_diffusion'); got {o['predictor']!r}")
+        if o["langevin_norm"] is not None:
+            _choice("langevin_norm", o["langevin_norm"], ("batch", "sample"))
     if method in ("pc", "langevin"):
         _pos_float("snr", o["snr"])
         _pos_int("n_steps", o["n_steps"])
@@ -134,13 +153,9 @@ def _resolve(method: str, sde: SDE, shape, steps, generator, options: dict) -> d
         _choice("error_norm", o["error_norm"], ERROR_NORMS)
         _pos_int("trajectory_points", o["trajectory_points"])
     if method == "ddim":
-        eta = _pos_float("eta", o["eta"], allow_zero=True)
-        if eta > 1:
-            raise ValueError(f"eta must lie in [0, 1]; got {eta}")
-    if method == "pc":
-        if o["langevin_norm"] is None:  # per-sample norms exactly when per-sample generators ask for batch invariance
-            o["langevin_norm"] = "sample" if noise.generators is not None else "batch"
-        _choice("langevin_norm", o["langevin_norm"], ("batch", "sample"))
+        eta = o["eta"]
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and 0 <= eta <= 1):
+            raise ValueError(f"eta must lie in [0, 1]; got {eta!r}")
     if method in ("pc", "langevin", "ddim", "dpm_solver", "heun"):
         _choice("schedule", o["schedule"], SCHEDULES)
         _pos_float("rho", o["rho"])
