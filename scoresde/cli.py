@@ -514,35 +514,32 @@ def run_train(c: C.TrainAppConfig, outdir, progress: Optional[bool] = None) -> d
     return metrics
 
 
-def run_sample(c: C.SampleAppConfig, outdir, progress: Optional[bool] = None) -> dict:
-    """Samples from a trained run with the configured sampler: figure, ``samples.pt``, NFE and quality."""
+def _evaluate_saved_run(c, outdir, progress: Optional[bool], sampler_cfg, **evaluate_kwargs) -> dict:
+    """Reload the run ``c.ckpt``, check ``sampler_cfg`` (if any) against its SDE, then ``evaluate_run`` into
+    ``outdir`` (``config.yaml``, ``metrics.json``); the shared body of ``run_sample`` and ``run_nll``."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     progress = c.progress if progress is None else progress
     device, dtype = _setup(c)
     run = load_run(c.ckpt, device, dtype, use_ema=c.eval.use_ema)
-    C._check_combination(run.cfg.sde, run.cfg.model, run.cfg.data, run.cfg.train, c.sampler)
+    if sampler_cfg is not None:
+        C._check_combination(run.cfg.sde, run.cfg.model, run.cfg.data, run.cfg.train, sampler_cfg)
     _save_config(c, outdir)
     metrics = {"config": C.to_plain(c), "run": str(run.run_dir), "checkpoint": str(run.checkpoint) if run.checkpoint else None}
-    metrics.update(evaluate_run(run, c.sampler, c.eval, outdir, c.seed, device, dtype, progress, do_nll=False))
+    metrics.update(evaluate_run(run, sampler_cfg, c.eval, outdir, c.seed, device, dtype, progress, **evaluate_kwargs))
     write_json(outdir / METRICS_NAME, metrics)
     _print_summary(metrics)
     return metrics
+
+
+def run_sample(c: C.SampleAppConfig, outdir, progress: Optional[bool] = None) -> dict:
+    """Samples from a trained run with the configured sampler: figure, ``samples.pt``, NFE and quality."""
+    return _evaluate_saved_run(c, outdir, progress, c.sampler, do_nll=False)
 
 
 def run_nll(c: C.NLLAppConfig, outdir, progress: Optional[bool] = None) -> dict:
     """Bits/dim of a trained run per split (``eval.splits``) with standard errors; DDPM ELBO with ``eval.elbo``."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    progress = c.progress if progress is None else progress
-    device, dtype = _setup(c)
-    run = load_run(c.ckpt, device, dtype, use_ema=c.eval.use_ema)
-    _save_config(c, outdir)
-    metrics = {"config": C.to_plain(c), "run": str(run.run_dir), "checkpoint": str(run.checkpoint) if run.checkpoint else None}
-    metrics.update(evaluate_run(run, None, c.eval, outdir, c.seed, device, dtype, progress, do_samples=False, do_nll=True))
-    write_json(outdir / METRICS_NAME, metrics)
-    _print_summary(metrics)
-    return metrics
+    return _evaluate_saved_run(c, outdir, progress, None, do_samples=False, do_nll=True)
 
 
 # ---------------------------------------------------------------------------------- compare
