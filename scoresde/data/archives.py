@@ -179,6 +179,16 @@ def _carve(x: np.ndarray, y: np.ndarray, split: str, val_size: int):
     return (x[:cut], y[:cut]) if split == "train" else (x[cut:], y[cut:])
 
 
+def _load_split(load_arrays, root, split: str, download: bool, val_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of an archive as tensors: ``load_arrays(root, train, download)`` gives the official training
+    or test file, and ``_carve`` takes the last ``val_size`` training images as "val" (the rest: "train")."""
+    _check_split(split)
+    _check_val_size(val_size)
+    x, y = load_arrays(root, train=split != "test", download=download)
+    x, y = _carve(x, y, split, val_size)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
 # --- CIFAR-10 ---------------------------------------------------------------------------
 def download_cifar10(root=None) -> Path:
     """Download ``cifar-10-python.tar.gz`` to ``root`` (MD5-checked) and extract it; returns the folder."""
@@ -221,11 +231,7 @@ def load_cifar10_arrays(root=None, train: bool = True, download: bool = False) -
 
 def load_cifar10(root=None, split: str = "train", download: bool = False, val_size: int = DEFAULT_VAL_SIZE):
     """CIFAR-10 split as images ``(N, 3, 32, 32)`` uint8 (256 levels) and labels ``(N,)`` long tensors."""
-    _check_split(split)
-    _check_val_size(val_size)
-    x, y = load_cifar10_arrays(root, train=split != "test", download=download)
-    x, y = _carve(x, y, split, val_size)
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    return _load_split(load_cifar10_arrays, root, split, download, val_size)
 
 
 # --- MNIST ------------------------------------------------------------------------------
@@ -274,8 +280,4 @@ def load_mnist_arrays(root=None, train: bool = True, download: bool = False) -> 
 
 def load_mnist(root=None, split: str = "train", download: bool = False, val_size: int = DEFAULT_VAL_SIZE):
     """MNIST split as images ``(N, 1, 28, 28)`` uint8 (256 levels) and labels ``(N,)`` long tensors."""
-    _check_split(split)
-    _check_val_size(val_size)
-    x, y = load_mnist_arrays(root, train=split != "test", download=download)
-    x, y = _carve(x, y, split, val_size)
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+    return _load_split(load_mnist_arrays, root, split, download, val_size)
