@@ -447,7 +447,21 @@ def _iter_batches(data, batch_size: int):
         yield item[0] if isinstance(item, (tuple, list)) else item
 
 
-def _summarise(values: list[torch.Tensor], nfe: int) -> BPDResult:
+def _evaluate_batches(bpd_of_batch, data, batch_size: int, device, progress: bool, desc: str) -> BPDResult:
+    """Dataset bits/dim from a per-batch evaluation: ``bpd_of_batch(k) -> (bpd (B,), nfe)`` on every integer
+    batch ``k`` of ``data`` (``_iter_batches``; checked, then moved to ``device`` unless ``None``).
+    Returns the mean over all ``n`` samples, its standard error ``std / sqrt(n)`` (nan for ``n = 1``), the
+    values and the summed ``nfe``. The shared loop of ``evaluate_bpd`` and ``evaluate_elbo``."""
+    values, nfe = [], 0
+    for k in tqdm(_iter_batches(data, batch_size), disable=not progress, desc=desc, unit="batch"):
+        k = _check_int_batch("data batch", k)
+        if device is not None:
+            k = k.to(device)
+        bpd_k, nfe_k = bpd_of_batch(k)
+        values.append(bpd_k.detach())
+        nfe += nfe_k
+    if not values:
+        raise ValueError("data must contain at least one sample")
     bpd = torch.cat(values)
     n = bpd.numel()
     se = float(bpd.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("nan")
@@ -490,26 +504,23 @@ def evaluate_bpd(
     if "generator" in likelihood_kwargs:
         raise TypeError("pass generator as evaluate_bpd's own argument")
     # validate the solver options before any work
-    for name, allowed in (("divergence", DIVERGENCES), ("noise", NOISES), ("method", ADAPTIVE_METHODS + FIXED_METHODS)):
+    for name, allowed in (("divergence", DIVERGENCES), ("noise", NOISES), ("method", ADAPTIVE_METHODS + FIXED_METHODS),
+                          ("error_norm", ERROR_NORMS)):
         if name in likelihood_kwargs:
             _check_choice(name, likelihood_kwargs[name], allowed)
-    values, nfe = [], 0
-    for k in tqdm(_iter_batches(data, batch_size), disable=not progress, desc="bpd", unit="batch"):
-        k = _check_int_batch("data batch", k)
-        if device is not None:
-            k = k.to(device)
-        nfe_box = [0]
+
+    def bpd_of_batch(k):
+        nfe = [0]
 
         def log_density(y):
             res = log_likelihood(score_fn, sde, y, generator=generator, **likelihood_kwargs)
-            nfe_box[0] += res.nfe
+            nfe[0] += res.nfe
             return res.logp
 
-        values.append(dequantized_bits_per_dim(log_density, k, levels, centered, draws, generator, dtype).detach())
-        nfe += nfe_box[0]
-    if not values:
-        raise ValueError("data must contain at least one sample")
-    return _summarise(values, nfe)
+        bpd = dequantized_bits_per_dim(log_density, k, levels, centered, draws, generator, dtype)
+        return bpd, nfe[0]
+
+    return _evaluate_batches(bpd_of_batch, data, batch_size, device, progress, "bpd")
 
 
 # --------------------------------------------------------------------------------------------
@@ -705,14 +716,9 @@ def evaluate_elbo(
     _check_choice("variance", variance, ("large", "small"))
     if terms is not None:
         _check_int("terms", terms)
-    values, nfe = [], 0
-    for k in tqdm(_iter_batches(data, batch_size), disable=not progress, desc="ELBO", unit="batch"):
-        k = _check_int_batch("data batch", k)
-        if device is not None:
-            k = k.to(device)
+
+    def bpd_of_batch(k):
         res = ddpm_elbo(eps_fn, sde, k, levels, centered, variance, terms, generator, dtype)
-        values.append(res.bpd.detach())
-        nfe += res.nfe
-    if not values:
-        raise ValueError("data must contain at least one sample")
-    return _summarise(values, nfe)
+        return res.bpd, res.nfe
+
+    return _evaluate_batches(bpd_of_batch, data, batch_size, device, progress, "ELBO")
