@@ -11,9 +11,10 @@ library itself takes plain Python objects. Three layers:
    each one's ``check(prefix)``, which raises :class:`ConfigError` (a ``ValueError``) naming the field
    and the allowed values for anything out of range (a negative learning rate, ``beta_min >= beta_max``,
    an unknown predictor, ...). The entry points call it before any data is loaded. Where the library
-   object a group describes is cheap to build (the SDE, ``train.TrainOptions``), ``check`` builds it and
-   the library's own validation is the rule: its ``ValueError`` comes back as a ``ConfigError`` naming the
-   full config key (``_library_check``). ``check`` itself only holds what the library cannot know:
+   can check a group cheaply (building the SDE or ``train.TrainOptions``; a sampler's options through
+   ``samplers.check_method_options``), ``check`` lets it, and the library's own validation is the rule:
+   its ``ValueError`` comes back as a ``ConfigError`` naming the full config key (``_library_check``).
+   ``check`` itself only holds what the library cannot know:
    config-only fields and encodings, cross-group combinations, and groups whose object is expensive to
    build or needs the data (the networks, the data set).
 3. **Builders** -- ``build_sde``, ``build_model``, ``build_loss``, ``build_train_options``,
