@@ -12,7 +12,8 @@ library itself takes plain Python objects. Three layers:
    and the allowed values for anything out of range (a negative learning rate, ``beta_min >= beta_max``,
    an unknown predictor, ...). The entry points call it before any data is loaded. Where the library
    can check a group cheaply (building the SDE or ``train.TrainOptions``; a sampler's options through
-   ``samplers.check_method_options``), ``check`` lets it, and the library's own validation is the rule:
+   ``samplers.check_method_options``; the likelihood solver's through ``likelihood.check_likelihood_options``),
+   ``check`` lets it, and the library's own validation is the rule:
    its ``ValueError`` comes back as a ``ConfigError`` naming the full config key (``_library_check``).
    ``check`` itself only holds what the library cannot know:
    config-only fields and encodings, cross-group combinations, and groups whose object is expensive to
@@ -38,7 +39,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .data.datasets import DATASET_NAMES
-from .likelihood import DIVERGENCES
+from .likelihood import check_likelihood_options
 from .samplers.api import METHOD_OPTIONS, check_method_options
 from .samplers.ode import ADAPTIVE_ODE_METHODS, FIXED_ODE_METHODS
 
@@ -555,16 +556,14 @@ class EvalConfig:
     feature_cache: Optional[str] = None
 
     def check(self, p: str = "eval") -> None:
+        """The PF-ODE solver fields (divergence, probes, rtol, atol, eps) are checked by
+        ``likelihood.check_likelihood_options``; the rest here."""
         _int_at_least(p, "n_samples", self.n_samples, 0)
         _int_at_least(p, "batch_size", self.batch_size, 1)
         for s in self.splits:
             _choice(p, "splits[i]", s, SPLITS)
-        _choice(p, "divergence", self.divergence, DIVERGENCES)
-        _int_at_least(p, "probes", self.probes, 1)
-        _positive(p, "rtol", self.rtol)
-        _positive(p, "atol", self.atol)
-        if not (math.isfinite(self.eps) and 0 < self.eps < 1):
-            raise ConfigError(f"{p}.eps must lie in (0, 1); got {self.eps!r}")
+        solver = {"divergence": self.divergence, "probes": self.probes, "rtol": self.rtol, "atol": self.atol, "eps": self.eps}
+        _library_check(p, lambda: check_likelihood_options(**solver), {k: k for k in solver})
         if self.elbo_terms is not None:
             _int_at_least(p, "elbo_terms", self.elbo_terms, 1)
 

@@ -36,6 +36,7 @@ from .sde import SDE, VPSDE, batch_broadcast
 from .samplers.ode import ERROR_NORMS, per_sample_rms_norm
 
 __all__ = [
+    "check_likelihood_options",
     "LikelihoodResult",
     "BPDResult",
     "ELBOResult",
@@ -53,6 +54,8 @@ ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
 DIVERGENCES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
+# ``log_likelihood`` options checked by ``check_likelihood_options``
+_SOLVER_OPTIONS = ("divergence", "probes", "noise", "method", "rtol", "atol", "eps", "error_norm", "chunk_size")
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +223,36 @@ def _draw_probes(P: int, x: torch.Tensor, noise: str, generator) -> torch.Tensor
     return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def check_likelihood_options(
+    divergence: str = "hutchinson",
+    probes: int = 1,
+    noise: str = "rademacher",
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    eps: float = 1e-5,
+    error_norm: str = "per_sample",
+    chunk_size: int | None = None,
+    T: float = SDE.T,
+) -> None:
+    """Check ``log_likelihood``'s solver options (the part of its validation that needs no data, model or
+    SDE but the end time ``T``): raises ``ValueError`` naming the option and its allowed values.
+    ``log_likelihood`` and ``evaluate_bpd`` call it before any work; so does the config layer."""
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _check_choice("noise", noise, NOISES)
+    _check_choice("method", method, ADAPTIVE_METHODS + FIXED_METHODS)
+    _check_choice("error_norm", error_norm, ERROR_NORMS)
+    _check_int("probes", probes)
+    _check_pos("rtol", rtol)
+    _check_pos("atol", atol)
+    if not _check_pos("eps", eps) < T:
+        raise ValueError(f"eps must lie in (0, T) = (0, {T}); got {eps}")
+    if chunk_size is not None:
+        _check_int("chunk_size", chunk_size)
+    if divergence == "exact" and probes != 1:
+        raise ValueError(f"probes applies to divergence='hutchinson' only; got probes={probes} with 'exact'")
+
+
 def log_likelihood(
     score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sde: SDE,
@@ -282,20 +315,10 @@ def log_likelihood(
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable score_fn(x, t); got {type(score_fn).__name__}")
     x = _check_float_batch("x", x)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("noise", noise, NOISES)
-    _check_choice("method", method, ADAPTIVE_METHODS + FIXED_METHODS)
-    _check_choice("error_norm", error_norm, ERROR_NORMS)
-    probes = _check_int("probes", probes)
-    rtol, atol, eps = _check_pos("rtol", rtol), _check_pos("atol", atol), _check_pos("eps", eps)
-    if not eps < sde.T:
-        raise ValueError(f"eps must lie in (0, T) = (0, {sde.T}); got {eps}")
-    if chunk_size is not None:
-        _check_int("chunk_size", chunk_size)
+    check_likelihood_options(divergence, probes, noise, method, rtol, atol, eps, error_norm, chunk_size, T=sde.T)
+    rtol, atol, eps = float(rtol), float(atol), float(eps)
     if generator is not None and torch.device(generator.device).type != x.device.type:
         raise ValueError(f"generator must be on x's device {x.device}; got {generator.device}")
-    if divergence == "exact" and probes != 1:
-        raise ValueError(f"probes applies to divergence='hutchinson' only; got probes={probes} with 'exact'")
 
     B, shape, D = x.shape[0], tuple(x.shape), x[0].numel()
     P = probes if divergence == "hutchinson" else 1
@@ -503,11 +526,10 @@ def evaluate_bpd(
     _check_int("draws", draws)
     if "generator" in likelihood_kwargs:
         raise TypeError("pass generator as evaluate_bpd's own argument")
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an SDE instance; got {type(sde).__name__}")
     # validate the solver options before any work
-    for name, allowed in (("divergence", DIVERGENCES), ("noise", NOISES), ("method", ADAPTIVE_METHODS + FIXED_METHODS),
-                          ("error_norm", ERROR_NORMS)):
-        if name in likelihood_kwargs:
-            _check_choice(name, likelihood_kwargs[name], allowed)
+    check_likelihood_options(**{k: v for k, v in likelihood_kwargs.items() if k in _SOLVER_OPTIONS}, T=sde.T)
 
     def bpd_of_batch(k):
         nfe = [0]

@@ -164,16 +164,20 @@ def test_range_errors_name_the_field(hydra_ctx, overrides, pattern):
         (["sampler=ddim", "sampler.eta=-0.5"], "sampler.eta"),
         (["sampler.error_norm=l2"], "sampler.error_norm"),
         (["sampler=heun", "sampler.rho=0"], "sampler.rho"),
+        (["eval.rtol=0"], "eval.rtol"),
+        (["eval.eps=1.5"], "eval.eps"),
+        (["eval.divergence=exact", "eval.probes=2"], "eval.probes"),
     ],
 )
 def test_library_validation_is_reported_under_the_config_key(hydra_ctx, overrides, key):
-    """The SDE, optimisation and sampler-option groups are validated by the library (building the SDE /
-    ``TrainOptions``; ``samplers.check_method_options``): the config reports the library's own rule,
-    under the full config key."""
+    """The SDE, optimisation, sampler-option and likelihood-solver groups are validated by the library
+    (building the SDE / ``TrainOptions``; ``samplers.check_method_options``; ``likelihood.check_likelihood_options``):
+    the config reports the library's own rule, under the full config key."""
+    from scoresde.likelihood import check_likelihood_options
     from scoresde.samplers import check_method_options
 
     cfg = make("train", overrides)
-    with pytest.raises(C.ConfigError, match=rf"^{re.escape(key)} must ") as config_err:
+    with pytest.raises(C.ConfigError, match=rf"^{re.escape(key)} ") as config_err:
         C.validate(cfg)
     obj = OmegaConf.to_object(cfg)
     with pytest.raises(ValueError) as library_err:
@@ -181,10 +185,15 @@ def test_library_validation_is_reported_under_the_config_key(hydra_ctx, override
             C.build_sde(obj.sde)
         elif key.startswith("train."):
             C.build_train_options(obj.train, seed=0)
+        elif key.startswith("eval."):
+            e = obj.eval
+            check_likelihood_options(divergence=e.divergence, probes=e.probes, rtol=e.rtol, atol=e.atol, eps=e.eps)
         else:
             kw = C.sampler_kwargs(obj.sampler)
             check_method_options(kw.pop("method"), {k: v for k, v in kw.items() if k not in ("steps", "denoise", "eps")})
-    assert str(config_err.value).split(" must ", 1)[1] == str(library_err.value).split(" must ", 1)[1]
+    # the library's message, with its argument names as full config keys (``n_steps`` is ``train.n_iters``)
+    plain = re.sub(r"\b(sde|train|sampler|eval)\.", "", str(config_err.value)).replace("n_iters", "n_steps")
+    assert plain == str(library_err.value)
 
 
 def test_compare_config_errors(hydra_ctx):

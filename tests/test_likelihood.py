@@ -13,6 +13,7 @@ import torch
 
 from scoresde import VESDE, VPSDE, GaussianMixture, SubVPSDE
 from scoresde.likelihood import (
+    check_likelihood_options,
     bits_per_dim,
     ddpm_elbo,
     dequantized_bits_per_dim,
@@ -223,8 +224,14 @@ def _never(x, t):
 )
 def test_log_likelihood_rejects_bad_arguments(kw, exc, word):
     x = torch.zeros(3, 2, dtype=F64)
-    with pytest.raises(exc, match=word):
+    with pytest.raises(exc, match=word) as in_solve:
         log_likelihood(_never, VPSDE(), x, **kw)
+    # the same check on its own (used by evaluate_bpd and the config layer), and evaluate_bpd before any work
+    with pytest.raises(exc) as alone:
+        check_likelihood_options(**kw)
+    assert str(alone.value) == str(in_solve.value)
+    with pytest.raises(exc, match=word):
+        evaluate_bpd(_never, VPSDE(), (torch.zeros(3, 2, dtype=torch.long) for _ in range(0)), levels=4, **kw)
 
 
 def test_bad_data_rejected():
