@@ -3,28 +3,41 @@ full-covariance Gaussian-mixture baseline, in test bits/dim (probability-flow OD
 
 Data: the fixed digits split (train 1347 / val 150 / test 300, 17 levels, D = 64), flattened to
 vectors; every training batch is freshly dequantised, ``y = 2 (k + U) / 17 - 1``. Model: a residual
-MLP ε-network (``MLPScoreNet``) wrapped by ``ScoreModel(parameterization="eps")``; losses from
-``get_loss_fn`` (ε-MSE for VP / sub-VP / DDPM, ``lambda = sigma^2`` DSM for VE). Training with
-``scoresde.train.train``: Adam(W), warm-up, clipping, EMA; every ``--eval-every`` steps the EMA
-model's validation bits/dim (PF-ODE, Hutchinson, fixed probes and dequantisation noise) is computed;
-the best EMA checkpoint is kept (held-out model selection) and training stops after ``--patience``
-evaluations without improvement. The selected checkpoint is then scored on the test split.
+MLP ε-network (``MLPScoreNet``) wrapped by ``ScoreModel(parameterization="eps")``. Losses from
+``get_loss_fn``: DDPM its own discrete loss (L_simple, ``continuous=False``); VP / sub-VP the continuous
+DSM loss, either ε-MSE (``--weighting default``, ``lambda = s^2``) or the likelihood weighting
+``lambda = g^2`` with importance sampling of ``t`` (``--weighting likelihood``; Song et al. 2021,
+"Maximum likelihood training of score-based diffusion models"); VE ``lambda = sigma^2``, which is
+already ``∝ g^2`` for VE. Training with ``scoresde.train.train``: Adam(W), warm-up, clipping, EMA;
+every ``--eval-every`` steps the EMA model's validation bits/dim (PF-ODE, Hutchinson, fixed probes and
+dequantisation noise) is computed, the best EMA checkpoint is kept (held-out model selection) and
+training stops after ``--patience`` evaluations without improvement. Only the selected checkpoint
+is scored on the test split (and, for DDPM, also by its discrete ELBO).
 
 Bits/dim: ``bpd = -log p_y(y) / (64 ln 2) - 1 + log2 17`` per test image (``scoresde.likelihood``),
-reported as mean +- standard error over the 300 test images (one dequantisation draw each), and the
-median. The baseline (``scoresde.baselines.fit_gmm_baseline``: K chosen on the validation split)
-uses the same dequantisation.
+reported as mean +- standard error over the 300 test images (one dequantisation draw each), the
+median and the worst image. Baselines (``scoresde.baselines``, same dequantisation): K chosen on the
+validation split with ``reg_covar = 1e-6``, and (K, reg_covar) chosen jointly on the validation split.
 
-    OMP_NUM_THREADS=1 python experiments/digits_models.py --out experiments/results/digits_models
+Runs can be split over processes and collated::
+
+    OMP_NUM_THREADS=1 python experiments/digits_models.py --models ddpm vp --out /tmp/a
+    OMP_NUM_THREADS=1 python experiments/digits_models.py --models subvp ve --out /tmp/b
+    python experiments/digits_models.py --collate /tmp/a.json /tmp/b.json --out experiments/results/digits_models
+
+``--ckpt-root DIR`` copies each selected (best-by-val EMA) checkpoint to ``DIR/<model>/best.pt`` with
+a ``model.json`` holding the build arguments; ``load_trained(DIR/<model>)`` rebuilds the ``ScoreModel``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -36,7 +49,7 @@ from scoresde.baselines import fit_gmm_baseline, gmm_bits_per_dim
 from scoresde.checkpoint import load_model_weights
 from scoresde.data import load_dataset
 from scoresde.data.transforms import uniform_dequantize
-from scoresde.likelihood import evaluate_bpd
+from scoresde.likelihood import evaluate_bpd, evaluate_elbo
 from scoresde.losses import get_loss_fn
 from scoresde.model import ScoreModel
 from scoresde.nets import MLPScoreNet
@@ -44,10 +57,23 @@ from scoresde.sde import VESDE, VPSDE, SubVPSDE
 from scoresde.train import TrainOptions, train
 
 MODELS = ("ddpm", "vp", "subvp", "ve")
+LEVELS = 17
+REG_COVARS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 3e-2)
 
 
-def build(kind: str, hidden: int, depth: int, dropout: float, sigma_max: float, seed: int):
-    """``(ScoreModel, loss_fn, sde)`` for one of ``MODELS``."""
+def build(kind: str, hidden: int, depth: int, dropout: float, sigma_max: float, seed: int, time_embedding: str = "fourier",
+          fourier_scale: float = 16.0, weighting: str = "default", parameterization: str = "eps"):
+    """``(ScoreModel, loss_fn, sde)`` for one of ``MODELS``.
+
+    DDPM conditions on the step index ``i`` (sinusoidal embedding, as Ho et al.); the continuous models on
+    ``999 t`` (VP, sub-VP) or ``sigma(t)`` (VE) through ``time_embedding`` (Fourier features of the log of
+    the network time with ``fourier_scale``, or sinusoidal). ``weighting`` applies to VP / sub-VP only:
+    ``"likelihood"`` uses ``lambda = g^2`` with importance sampling of ``t``. ``parameterization`` applies to the
+    continuous models (``"eps"``: score ``= -net / s``; ``"score"``: score ``= net``, so the score stays bounded as
+    ``s -> 0`` and the ε-loss becomes ``|| -s net - z ||^2``); DDPM is always ε.
+    """
+    if kind not in MODELS:
+        raise ValueError(f"kind must be one of {MODELS}; got {kind!r}")
     if kind in ("ddpm", "vp"):
         sde = VPSDE()
     elif kind == "subvp":
@@ -55,41 +81,57 @@ def build(kind: str, hidden: int, depth: int, dropout: float, sigma_max: float, 
     else:
         sde = VESDE(sigma_min=0.01, sigma_max=sigma_max)
     continuous = kind != "ddpm"
-    # DDPM conditions on the step index i (0..999): sinusoidal as in Ho et al.; the others on log(999 t) or log sigma
-    emb = "sinusoidal" if kind == "ddpm" else "fourier"
-    net = MLPScoreNet(64, hidden=hidden, depth=depth, time_embedding=emb, dropout=dropout, seed=seed)
-    model = ScoreModel(net, sde, parameterization="eps", continuous=continuous)
-    return model, get_loss_fn(sde, continuous=continuous), sde
+    emb = "sinusoidal" if kind == "ddpm" else time_embedding
+    net = MLPScoreNet(64, hidden=hidden, depth=depth, time_embedding=emb, fourier_scale=fourier_scale, dropout=dropout, seed=seed)
+    model = ScoreModel(net, sde, parameterization="eps" if kind == "ddpm" else parameterization, continuous=continuous)
+    lw = weighting == "likelihood" and kind in ("vp", "subvp")
+    loss = get_loss_fn(sde, continuous=continuous, weighting="likelihood" if lw else "default", importance_sampling=lw)
+    return model, loss, sde
+
+
+def load_trained(directory) -> ScoreModel:
+    """Rebuild the ``ScoreModel`` saved by ``--ckpt-root`` in ``directory`` (``model.json`` + ``best.pt``, EMA weights), in eval mode."""
+    directory = Path(directory)
+    spec = json.loads((directory / "model.json").read_text())
+    model, _, _ = build(**spec["build"])
+    load_model_weights(model, directory / "best.pt", which="ema")
+    return model.eval()
 
 
 def bpd(model, sde, k, probes, seed, rtol):
     """Per-image PF-ODE bits/dim of integer vectors ``k (N, 64)`` (Hutchinson, fixed seed)."""
     g = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        return evaluate_bpd(model.score_fn, sde, k, levels=17, centered=True, batch_size=len(k), generator=g,
+        return evaluate_bpd(model.score_fn, sde, k, levels=LEVELS, centered=True, batch_size=len(k), generator=g,
                             dtype=torch.float32, divergence="hutchinson", probes=probes, rtol=rtol, atol=rtol,
                             # torchdiffeq's automatic first step can overshoot T (VE drift is large at t=eps)
                             options={"first_step": 1e-3})
 
 
 def run_model(kind, a, tr, va, te, root: Path) -> dict:
-    model, loss_fn, sde = build(kind, a.hidden, a.depth, a.dropout, a.sigma_max, a.seed)
-    levels = 17
+    spec = dict(kind=kind, hidden=a.hidden, depth=a.depth, dropout=a.dropout, sigma_max=a.sigma_max, seed=a.seed,
+                time_embedding=a.time_embedding, fourier_scale=a.fourier_scale, weighting=a.weighting,
+                parameterization=a.parameterization)
+    model, loss_fn, sde = build(**spec)
+    eval_cpu = [0.0]
 
     def prepare(batch, g):
-        return uniform_dequantize(batch, levels, centered=True, generator=g, dtype=torch.float32)
+        return uniform_dequantize(batch, LEVELS, centered=True, generator=g, dtype=torch.float32)
 
     def eval_fn(ema_model, step):
+        c0 = time.process_time()
         r = bpd(ema_model, sde, va, a.val_probes, 1234, a.rtol)
+        eval_cpu[0] += time.process_time() - c0
+        print(f"[{kind}] step {step} val bpd {r.mean:.4f} +- {r.stderr:.4f} (nfe {r.nfe})", flush=True)
         return {"val_bpd": r.mean, "val_bpd_se": r.stderr, "val_bpd_median": float(r.bpd.median()), "val_nfe": r.nfe}
 
     opts = TrainOptions(n_steps=a.steps, batch_size=a.batch, lr=a.lr, warmup=a.warmup, ema_rate=a.ema,
-                        weight_decay=a.weight_decay, grad_clip=1.0, seed=a.seed, log_every=250,
+                        weight_decay=a.weight_decay, grad_clip=1.0, seed=a.seed, log_every=500,
                         eval_every=a.eval_every, checkpoint_every=a.eval_every, select_metric="val_bpd",
                         select_mode="min", patience=a.patience)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     res = train(model, loss_fn, tr, opts, root / kind, prepare=prepare, eval_fn=eval_fn, resume=True, progress=a.progress)
-    t_train = time.time() - t0
+    t_train, c_train = time.time() - t0, time.process_time() - c0
     load_model_weights(model, res.best_path, which="ema")
     model.eval()
     t0 = time.time()
@@ -98,11 +140,96 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
         "model": kind, "params": sum(p.numel() for p in model.parameters()), "steps": res.step,
         "stopped_early": res.stopped_early, "best_step": res.best_step, "val_bpd": res.best_value,
         "test_bpd": r.mean, "test_se": r.stderr, "test_median": float(r.bpd.median()), "test_max": float(r.bpd.max()),
-        "test_nfe": r.nfe, "train_s": t_train, "test_eval_s": time.time() - t0,
+        "test_nfe": r.nfe, "train_wall_s": t_train, "train_cpu_s": c_train, "val_eval_cpu_s": eval_cpu[0],
+        "test_eval_s": time.time() - t0, "final_loss": res.loss,
+        "recipe": {"loss": "ddpm L_simple" if kind == "ddpm" else ("sigma^2 DSM (= g^2 up to a constant)" if kind == "ve" else
+                   ("g^2 + importance sampling" if a.weighting == "likelihood" else "eps-MSE (s^2)")),
+                   "parameterization": "eps" if kind == "ddpm" else a.parameterization,
+                   "time_embedding": "sinusoidal(i)" if kind == "ddpm" else f"{a.time_embedding}(scale {a.fourier_scale})",
+                   **{k: getattr(a, k) for k in ("hidden", "depth", "dropout", "lr", "warmup", "ema", "weight_decay", "batch",
+                                                  "eval_every", "patience")}},
         "val_curve": [(h["step"], h["eval"]["val_bpd"]) for h in res.history if "eval" in h],
     }
+    if kind == "ddpm":
+        t0 = time.time()
+        e = evaluate_elbo(model.ddpm_eps_fn(), sde, te, levels=LEVELS, centered=True, batch_size=len(te),
+                          generator=torch.Generator().manual_seed(99), dtype=torch.float32)
+        out.update(test_elbo_bpd=e.mean, test_elbo_se=e.stderr, elbo_eval_s=time.time() - t0)
+    if a.ckpt_root:
+        dest = Path(a.ckpt_root) / kind
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(res.best_path, dest / "best.pt")
+        (dest / "model.json").write_text(json.dumps({"build": spec, "best_step": res.best_step, "val_bpd": res.best_value,
+                                                     "test_bpd": r.mean, "test_se": r.stderr}, indent=1))
+        out["ckpt"] = str(dest)
     print(json.dumps(out), flush=True)
     return out
+
+
+def baselines(tr, va, te, seed: int) -> list[dict]:
+    """The two GMM baselines: K by validation at ``reg_covar = 1e-6``, and (K, reg_covar) by validation."""
+    rows = []
+    fits = {}
+    for rc in REG_COVARS:
+        t0 = time.time()
+        fits[rc] = (fit_gmm_baseline(tr, va, LEVELS, seed=seed, reg_covar=rc), time.time() - t0)
+    best_rc = min(REG_COVARS, key=lambda rc: fits[rc][0].val_bpd[fits[rc][0].n_components].mean)
+    for name, rc in (("GMM full cov (K by val, reg_covar 1e-6)", 1e-6), ("GMM full cov ((K, reg_covar) by val)", best_rc)):
+        base, fit_s = fits[rc]
+        bt = gmm_bits_per_dim(base.gmm, te, LEVELS, n_dequant=1, seed=seed + 2)
+        rows.append({"model": name, "K": base.n_components, "reg_covar": rc, "val_bpd": base.val_bpd[base.n_components].mean,
+                     "test_bpd": bt.mean, "test_se": bt.stderr, "fit_s": fit_s})
+    print("baselines", json.dumps(rows), flush=True)
+    return rows
+
+
+def meta_info(a) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"command": "OMP_NUM_THREADS=%s python %s" % (os.environ.get("OMP_NUM_THREADS"), " ".join(sys.argv)),
+            "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}",
+            "args": vars(a), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_tables(out: str, runs: list[dict]) -> None:
+    """``out.md`` and ``out.csv`` from the JSON records of one or more runs (baselines from the first)."""
+    base = runs[0]["baselines"]
+    rows = [r for run in runs for r in run["rows"]]
+    order = {k: i for i, k in enumerate(MODELS)}
+    rows.sort(key=lambda r: order[r["model"]])
+    best = min(base, key=lambda b: b["test_bpd"])
+    lines = ["# Digits: score models vs full-covariance GMM (test bits/dim, PF-ODE, uniform dequantisation)", ""]
+    for run in runs:
+        m = run["meta"]
+        lines += [f"Command: `{m['command']}`  ", f"Commit {m['commit']}; {m['machine']}; {m.get('date', '')}.", ""]
+    lines += ["| model | params | steps (best) | train wall min | train CPU min | val bpd | test bpd (mean +- se) | median | worst | test NFE | beats best GMM? |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for b in base:
+        lines.append(f"| {b['model']}: K={b['K']}, reg_covar={b['reg_covar']:g} | | | | | {b['val_bpd']:.3f} | "
+                     f"{b['test_bpd']:.3f} +- {b['test_se']:.3f} | | | | |")
+    for r in rows:
+        verdict = "yes" if r["test_bpd"] < best["test_bpd"] else "no"
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['steps']} ({r['best_step']}) | {r['train_wall_s'] / 60:.1f} | "
+                     f"{r['train_cpu_s'] / 60:.1f} | {r['val_bpd']:.3f} | {r['test_bpd']:.3f} +- {r['test_se']:.3f} | "
+                     f"{r['test_median']:.3f} | {r['test_max']:.2f} | {r['test_nfe']} | {verdict} |")
+    lines.append("")
+    for r in rows:
+        if "test_elbo_bpd" in r:
+            lines.append(f"DDPM discrete ELBO (all 1000 terms, large variance) on the test split: "
+                         f"{r['test_elbo_bpd']:.3f} +- {r['test_elbo_se']:.3f} bits/dim.")
+    lines += ["", "Recipes:", ""]
+    for r in rows:
+        lines.append(f"- {r['model']}: " + ", ".join(f"{k} {v}" for k, v in r["recipe"].items()))
+    lines += ["", "Validation curves (step: val bpd):", ""]
+    for r in rows:
+        lines.append(f"- {r['model']}: " + ", ".join(f"{s}: {v:.3f}" for s, v in r["val_curve"]))
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    fields = ["model", "K", "reg_covar", "params", "steps", "best_step", "train_wall_s", "train_cpu_s", "val_eval_cpu_s",
+              "val_bpd", "test_bpd", "test_se", "test_median", "test_max", "test_nfe", "test_elbo_bpd", "test_elbo_se"]
+    with open(out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in base + rows:
+            w.writerow(r)
 
 
 def main(argv=None):
@@ -117,6 +244,10 @@ def main(argv=None):
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--time-embedding", default="fourier", choices=("fourier", "sinusoidal"), help="continuous models")
+    p.add_argument("--fourier-scale", type=float, default=16.0)
+    p.add_argument("--weighting", default="default", choices=("default", "likelihood"), help="VP / sub-VP DSM weighting")
+    p.add_argument("--parameterization", default="eps", choices=("eps", "score"), help="continuous models' network output")
     p.add_argument("--sigma-max", type=float, default=12.0, help="VE: about the largest distance between training images (9.6)")
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--patience", type=int, default=2)
@@ -125,36 +256,26 @@ def main(argv=None):
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="runs/digits_models")
-    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--ckpt-root", default=None, help="copy each selected checkpoint to CKPT_ROOT/<model>/")
+    p.add_argument("--out", default=None, help="write OUT.json (and OUT.md, OUT.csv)")
+    p.add_argument("--collate", nargs="+", default=None, help="only merge these OUT.json files into --out .md/.csv")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
 
+    if a.collate:
+        if not a.out:
+            p.error("--collate needs --out")
+        write_tables(a.out, [json.loads(Path(f).read_text()) for f in a.collate])
+        return
     flat = lambda s: load_dataset("digits", s).x.reshape(-1, 64).long()
     tr, va, te = flat("train"), flat("val"), flat("test")
-    t0 = time.time()
-    base = fit_gmm_baseline(tr, va, 17, seed=a.seed)
-    base_test = gmm_bits_per_dim(base.gmm, te, 17, n_dequant=1, seed=a.seed + 2)
-    baseline = {"K": base.n_components, "val_bpd": base.val_bpd[base.n_components].mean, "test_bpd": base_test.mean,
-                "test_se": base_test.stderr, "fit_s": time.time() - t0}
-    print("baseline", json.dumps(baseline), flush=True)
+    base = baselines(tr, va, te, a.seed)
+    meta = meta_info(a)
     rows = [run_model(k, a, tr, va, te, Path(a.workdir)) for k in a.models]
     if a.out:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        meta = {"command": "OMP_NUM_THREADS=%s python %s" % (os.environ.get("OMP_NUM_THREADS"), " ".join(sys.argv)),
-                "commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}",
-                "args": vars(a)}
-        Path(a.out + ".json").write_text(json.dumps({"meta": meta, "baseline": baseline, "rows": rows}, indent=1))
-        lines = ["# Digits: score models vs full-covariance GMM (test bits/dim, PF-ODE, uniform dequantisation)", "",
-                 f"Command: `{meta['command']}`  ", f"Commit {commit}; {meta['machine']}.", "",
-                 "| model | params | steps (best) | train min | val bpd | test bpd (mean +- se) | median | max | test NFE |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                 f"| GMM full cov, K={baseline['K']} | | | | {baseline['val_bpd']:.3f} | {baseline['test_bpd']:.3f} +- "
-                 f"{baseline['test_se']:.3f} | | | |"]
-        for r in rows:
-            lines.append(f"| {r['model']} | {r['params']:,} | {r['steps']} ({r['best_step']}) | {r['train_s'] / 60:.1f} | "
-                         f"{r['val_bpd']:.3f} | {r['test_bpd']:.3f} +- {r['test_se']:.3f} | {r['test_median']:.3f} | "
-                         f"{r['test_max']:.2f} | {r['test_nfe']} |")
-        Path(a.out + ".md").write_text("\n".join(lines) + "\n")
+        run = {"meta": meta, "baselines": base, "rows": rows}
+        Path(a.out + ".json").write_text(json.dumps(run, indent=1))
+        write_tables(a.out, [run])
 
 
 if __name__ == "__main__":
