@@ -166,7 +166,7 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
                    "time_embedding": "sinusoidal(i)" if kind == "ddpm" else f"{a.time_embedding}(scale {a.fourier_scale})",
                    **{k: getattr(a, k) for k in ("hidden", "depth", "dropout", "lr", "warmup", "ema", "weight_decay", "batch",
                                                   "eval_every", "patience")}},
-        "val_curve": [(h["step"], h["eval"]["val_bpd"]) for h in res.history if "eval" in h],
+        "val_curve": _val_curve(root / kind),
     }
     if kind == "ddpm":
         t0 = time.time()
@@ -225,6 +225,16 @@ def reevaluate(row: dict, a, va, te) -> dict:
                test_bpd=r.mean, test_se=r.stderr, test_median=float(r.bpd.median()), test_max=float(r.bpd.max()),
                test_nfe=r.nfe, test_eval_s=time.time() - t0)
     print(json.dumps({k: out[k] for k in ("model", "eval_eps", "val_bpd_at_eps", "test_bpd", "test_se", "test_median", "test_max")}), flush=True)
+    return out
+
+
+def _val_curve(workdir: Path) -> list:
+    """``[(step, val_bpd), ...]`` from ``workdir/metrics.jsonl`` (it spans stopped and resumed segments of a run)."""
+    out = []
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "eval" in rec:
+            out.append((rec["step"], rec["eval"]["val_bpd"]))
     return out
 
 

@@ -12,7 +12,8 @@ compared with the mixture's exact NLL on the same test points: the paired per-po
 
 Diagnosis (the earlier recipe plateaued at a gap of 0.016): the Fourier features of ``log(999 t)`` at
 the default scale 16 have periods of ~0.06 in ``log t``, far finer than the score changes, so the
-network's time input was close to noise; at scale 1 the same recipe moves from 0.016 to ~0.008.
+network's time input was close to noise; scale 1 (period ~1 in ``log t``) is used here (see the
+measurements below).
 Replacing the model's score by the exact score for ``t >= tau`` showed that the remaining gap comes
 from ``t`` in ``[0.01, 0.5]`` (where the mixture's modes merge), not from the ε-parameterisation's
 ``1/s`` amplification near ``t = eps`` (model used only below ``t = 0.01``: gap 0.0002). The rest is
