@@ -161,6 +161,16 @@ def sample_importance_t(
     return t.to(device=like.device, dtype=like.dtype), q.to(device=like.device, dtype=like.dtype)
 
 
+def _check_dsm_options(weighting: str, reduce: str, importance_sampling: bool) -> None:
+    """Shared checks of ``dsm_loss`` and ``get_loss_fn``: raises ``ValueError``/``TypeError`` naming the option."""
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    _check_choice("reduce", reduce, REDUCES)
+    if not isinstance(importance_sampling, bool):
+        raise TypeError(f"importance_sampling must be a bool; got {importance_sampling!r}")
+    if importance_sampling and weighting != "likelihood":
+        raise ValueError("importance_sampling=True needs weighting='likelihood' (it samples t ∝ g^2/s^2)")
+
+
 def dsm_loss(
     model: ScoreModel,
     x0: torch.Tensor,
@@ -180,12 +190,7 @@ def dsm_loss(
     """
     _check_model(model, continuous=True)
     _check_x0(x0)
-    _check_choice("weighting", weighting, WEIGHTINGS)
-    _check_choice("reduce", reduce, REDUCES)
-    if not isinstance(importance_sampling, bool):
-        raise TypeError(f"importance_sampling must be a bool; got {importance_sampling!r}")
-    if importance_sampling and weighting != "likelihood":
-        raise ValueError("importance_sampling=True needs weighting='likelihood' (it samples t ∝ g^2/s^2)")
+    _check_dsm_options(weighting, reduce, importance_sampling)
     sde = model.sde
     eps = _check_eps(eps, sde.T)
     B = x0.shape[0]
@@ -278,12 +283,7 @@ def get_loss_fn(
         raise TypeError(f"sde must be a scoresde.sde.SDE; got {type(sde).__name__}")
     if not isinstance(continuous, bool):
         raise TypeError(f"continuous must be a bool; got {continuous!r}")
-    _check_choice("weighting", weighting, WEIGHTINGS)
-    _check_choice("reduce", reduce, REDUCES)
-    if not isinstance(importance_sampling, bool):
-        raise TypeError(f"importance_sampling must be a bool; got {importance_sampling!r}")
-    if importance_sampling and weighting != "likelihood":
-        raise ValueError("importance_sampling=True needs weighting='likelihood'")
+    _check_dsm_options(weighting, reduce, importance_sampling)
     eps = _check_eps(eps, sde.T)
     if not continuous:
         if not isinstance(sde, (VPSDE, VESDE)):
