@@ -88,11 +88,6 @@ def full_t(t: float, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
 
 
-def bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` -> ``(B, 1, ..., 1)`` to broadcast against ``x``."""
-    return v.reshape(v.shape + (1,) * (x.dim() - 1))
-
-
 def coef(sde: SDE, t: float) -> tuple[float, float]:
     """``(m(t), s(t))`` as Python floats, computed in float64."""
     m, s = sde.marginal_coef(torch.tensor([float(t)], dtype=torch.float64))

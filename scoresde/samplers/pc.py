@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from ..sde import SDE
-from ._common import Noise, ScoreFn, bview, coef, denoise, full_t, langevin_alpha, progress_bar, transition
+from ..sde import SDE, batch_broadcast
+from ._common import Noise, ScoreFn, coef, denoise, full_t, langevin_alpha, progress_bar, transition
 
 __all__ = [
     "PREDICTORS", "CORRECTORS", "euler_maruyama_step", "reverse_diffusion_step", "ancestral_step",
@@ -36,7 +36,7 @@ def euler_maruyama_step(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, 
     x_mean = x + drift * dt
     if probability_flow:
         return x_mean
-    return x_mean + bview(g, x) * math.sqrt(-dt) * noise.randn_like(x)
+    return x_mean + batch_broadcast(g, x) * math.sqrt(-dt) * noise.randn_like(x)
 
 
 def reverse_diffusion_step(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, s: float, noise: Noise, probability_flow: bool = False) -> torch.Tensor:
@@ -108,7 +108,7 @@ def langevin_corrector(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, n
         if norm == "batch":
             zn, gn = zn.mean().expand_as(zn), gn.mean().expand_as(gn)
         ratio = zn / gn.clamp_min(tiny)
-        e = bview(2.0 * alpha * (snr * ratio) ** 2, x)
+        e = batch_broadcast(2.0 * alpha * (snr * ratio) ** 2, x)
         x = x + e * grad + torch.sqrt(2.0 * e) * z
     return x
 
