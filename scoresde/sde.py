@@ -64,6 +64,24 @@ def _check_positive(name: str, value) -> float:
     return float(value)
 
 
+def _check_beta_range(beta_min, beta_max, linear: bool = True) -> tuple[float, float]:
+    """Both betas finite and > 0 and, for a linear schedule, ``beta_min < beta_max``; ValueError names the field."""
+    beta_min, beta_max = _check_positive("beta_min", beta_min), _check_positive("beta_max", beta_max)
+    if linear and not beta_min < beta_max:
+        raise ValueError(f"beta_min must be < beta_max; got beta_min={beta_min}, beta_max={beta_max}")
+    return beta_min, beta_max
+
+
+def _linear_beta(t: torch.Tensor, beta_0: float, beta_1: float) -> torch.Tensor:
+    """``beta(t) = beta_0 + t (beta_1 - beta_0)``, shape of ``t``."""
+    return beta_0 + t * (beta_1 - beta_0)
+
+
+def _linear_log_mean_coeff(t: torch.Tensor, beta_0: float, beta_1: float) -> torch.Tensor:
+    """``c(t) = -1/2 int_0^t beta = -t^2 (beta_1 - beta_0) / 4 - t beta_0 / 2``, shape of ``t``."""
+    return -0.25 * t**2 * (beta_1 - beta_0) - 0.5 * t * beta_0
+
+
 class SDE(abc.ABC):
     """Abstract forward SDE ``dx = f(x, t) dt + g(t) dw`` on ``t in [0, T]``.
 
@@ -213,10 +231,7 @@ class VPSDE(SDE):
         if schedule not in ("linear", "cosine"):
             raise ValueError(f"schedule must be one of 'linear', 'cosine'; got {schedule!r}")
         self.schedule = schedule
-        self.beta_0 = self.beta_min = _check_positive("beta_min", beta_min)
-        self.beta_1 = self.beta_max = _check_positive("beta_max", beta_max)
-        if schedule == "linear" and not beta_min < beta_max:
-            raise ValueError(f"beta_min must be < beta_max; got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_0, self.beta_1 = self.beta_min, self.beta_max = _check_beta_range(beta_min, beta_max, schedule == "linear")
         if schedule == "linear":
             if not beta_max < N:
                 raise ValueError(
@@ -253,7 +268,7 @@ class VPSDE(SDE):
     def beta(self, t: torch.Tensor) -> torch.Tensor:
         """Noise rate ``beta(t)``, same shape as ``t``."""
         if self.schedule == "linear":
-            return self.beta_0 + t * (self.beta_1 - self.beta_0)
+            return _linear_beta(t, self.beta_0, self.beta_1)
         s = self.COSINE_S
         phi = torch.clamp((t + s) / (1 + s), max=1.0) * math.pi / 2
         return torch.clamp(math.pi / (1 + s) * torch.tan(phi), max=self._beta_clip)
@@ -261,7 +276,7 @@ class VPSDE(SDE):
     def log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
         """``log m(t) = -1/2 int_0^t beta``, same shape as ``t``."""
         if self.schedule == "linear":
-            return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+            return _linear_log_mean_coeff(t, self.beta_0, self.beta_1)
         tc = torch.full_like(t, self._t_clip)
         before = self._cosine_log_alpha_bar_unclipped(torch.minimum(t, tc))
         after = -self._beta_clip * torch.clamp(t - tc, min=0.0)
@@ -309,19 +324,16 @@ class SubVPSDE(SDE):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         super().__init__(N)
-        self.beta_0 = self.beta_min = _check_positive("beta_min", beta_min)
-        self.beta_1 = self.beta_max = _check_positive("beta_max", beta_max)
-        if not beta_min < beta_max:
-            raise ValueError(f"beta_min must be < beta_max; got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_0, self.beta_1 = self.beta_min, self.beta_max = _check_beta_range(beta_min, beta_max)
 
     def __repr__(self):
         return f"SubVPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, N={self.N})"
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
-        return self.beta_0 + t * (self.beta_1 - self.beta_0)
+        return _linear_beta(t, self.beta_0, self.beta_1)
 
     def log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        return _linear_log_mean_coeff(t, self.beta_0, self.beta_1)
 
     def sde(self, x, t):
         t = as_time(t, x, self.T)
