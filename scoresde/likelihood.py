@@ -171,8 +171,7 @@ def ode_drift(score_fn, sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Ten
 
     ``x``: ``(B, *dims)``; ``t``: ``(B,)``. Returns a tensor shaped like ``x``.
     """
-    f, g = sde.sde(x, t)
-    return f - 0.5 * batch_broadcast(g**2, x) * score_fn(x, t)
+    return sde.reverse(score_fn, probability_flow=True).sde(x, t)[0]
 
 
 def _default_chunk(B: int, D: int) -> int:
