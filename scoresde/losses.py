@@ -221,17 +221,23 @@ def ddpm_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: tor
     return _reduce((model.ddpm_eps_fn()(x_i, i) - z) ** 2, reduce)
 
 
+def _discrete_loss(per_sample, need, model, x0, generator, reduce) -> torch.Tensor:
+    """Batch mean of ``per_sample(model, x0, i, z, reduce)`` with ``i ~ U{0..N-1}`` ``(B,)`` drawn first, then
+    ``z ~ N(0, I)`` like ``x0``: the shared body of ``ddpm_loss`` and ``smld_loss``."""
+    _check_model(model, need=need)
+    _check_x0(x0)
+    _check_choice("reduce", reduce, REDUCES)
+    i = _randint(model.sde.N, x0.shape[0], generator, x0)
+    z = _randn(x0.shape, generator, x0)
+    return per_sample(model, x0, i, z, reduce).mean()
+
+
 def ddpm_loss(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None, reduce: str = "mean") -> torch.Tensor:
     """Discrete DDPM loss (Ho et al. 2020, L_simple): batch mean of ``ddpm_per_sample``; scalar.
 
     Draws, in order: ``i ~ U{0, ..., N-1}`` ``(B,)`` then ``z ~ N(0, I)`` shaped like ``x0`` ``(B, ...)``.
     """
-    _check_model(model, need=VPSDE)
-    _check_x0(x0)
-    _check_choice("reduce", reduce, REDUCES)
-    i = _randint(model.sde.N, x0.shape[0], generator, x0)
-    z = _randn(x0.shape, generator, x0)
-    return ddpm_per_sample(model, x0, i, z, reduce).mean()
+    return _discrete_loss(ddpm_per_sample, VPSDE, model, x0, generator, reduce)
 
 
 def smld_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
@@ -258,12 +264,7 @@ def smld_loss(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | 
 
     Draws, in order: ``i ~ U{0, ..., N-1}`` ``(B,)`` then ``z ~ N(0, I)`` shaped like ``x0``. Scalar.
     """
-    _check_model(model, need=VESDE)
-    _check_x0(x0)
-    _check_choice("reduce", reduce, REDUCES)
-    i = _randint(model.sde.N, x0.shape[0], generator, x0)
-    z = _randn(x0.shape, generator, x0)
-    return smld_per_sample(model, x0, i, z, reduce).mean()
+    return _discrete_loss(smld_per_sample, VESDE, model, x0, generator, reduce)
 
 
 # --- factory -----------------------------------------------------------------------------------
