@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .data.transforms import scale_affine, uniform_dequantize
 from .sde import SDE, VPSDE, batch_broadcast
 from .samplers.ode import ERROR_NORMS, per_sample_rms_norm
+from ._validate import check_choice, check_int, check_positive
 
 __all__ = [
     "check_likelihood_options",
@@ -115,24 +116,6 @@ class ELBOResult:
 # --------------------------------------------------------------------------------------------
 # validation helpers
 # --------------------------------------------------------------------------------------------
-def _check_choice(name: str, value, allowed) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def _check_int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
-    return value
-
-
-def _check_pos(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return float(value)
-
-
 def _check_float_batch(name: str, x) -> torch.Tensor:
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
@@ -237,17 +220,17 @@ def check_likelihood_options(
     """Check ``log_likelihood``'s solver options (the part of its validation that needs no data, model or
     SDE but the end time ``T``): raises ``ValueError`` naming the option and its allowed values.
     ``log_likelihood`` and ``evaluate_bpd`` call it before any work; so does the config layer."""
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("noise", noise, NOISES)
-    _check_choice("method", method, ADAPTIVE_METHODS + FIXED_METHODS)
-    _check_choice("error_norm", error_norm, ERROR_NORMS)
-    _check_int("probes", probes)
-    _check_pos("rtol", rtol)
-    _check_pos("atol", atol)
-    if not _check_pos("eps", eps) < T:
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("noise", noise, NOISES)
+    check_choice("method", method, ADAPTIVE_METHODS + FIXED_METHODS)
+    check_choice("error_norm", error_norm, ERROR_NORMS)
+    check_int("probes", probes)
+    check_positive("rtol", rtol)
+    check_positive("atol", atol)
+    if not check_positive("eps", eps) < T:
         raise ValueError(f"eps must lie in (0, T) = (0, {T}); got {eps}")
     if chunk_size is not None:
-        _check_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
     if divergence == "exact" and probes != 1:
         raise ValueError(f"probes applies to divergence='hutchinson' only; got probes={probes} with 'exact'")
 
@@ -406,8 +389,8 @@ def bits_per_dim(logp: torch.Tensor, D: int, levels: int = 256, centered: bool =
     """
     if not torch.is_tensor(logp):
         raise TypeError(f"logp must be a torch.Tensor; got {type(logp).__name__}")
-    _check_int("D", D)
-    _check_int("levels", levels, 2)
+    check_int("D", D)
+    check_int("levels", levels, 2)
     a, _ = scale_affine(bool(centered))
     return -logp / (D * math.log(2.0)) - math.log2(a) + math.log2(levels)
 
@@ -446,8 +429,8 @@ def dequantized_bits_per_dim(
         ``(B,)`` bits/dim.
     """
     k = _check_int_batch("k", k)
-    _check_int("levels", levels, 2)
-    draws = _check_int("draws", draws)
+    check_int("levels", levels, 2)
+    draws = check_int("draws", draws)
     _check_levels_range(k, levels)
     B, D = k.shape[0], k[0].numel()
     kk = k.repeat((draws,) + (1,) * (k.dim() - 1))
@@ -520,9 +503,9 @@ def evaluate_bpd(
     Returns:
         ``BPDResult(mean, stderr, bpd (N,), nfe)``.
     """
-    _check_int("levels", levels, 2)
-    _check_int("batch_size", batch_size)
-    _check_int("draws", draws)
+    check_int("levels", levels, 2)
+    check_int("batch_size", batch_size)
+    check_int("draws", draws)
     if "generator" in likelihood_kwargs:
         raise TypeError("pass generator as evaluate_bpd's own argument")
     if not isinstance(sde, SDE):
@@ -666,9 +649,9 @@ def ddpm_elbo(
     if not callable(eps_fn):
         raise TypeError(f"eps_fn must be callable eps_fn(x, i); got {type(eps_fn).__name__}")
     k = _check_int_batch("k", k)
-    _check_int("levels", levels, 2)
-    _check_choice("variance", variance, ("large", "small"))
-    if terms is not None and (_check_int("terms", terms) > sde.N - 1):
+    check_int("levels", levels, 2)
+    check_choice("variance", variance, ("large", "small"))
+    if terms is not None and (check_int("terms", terms) > sde.N - 1):
         raise ValueError(f"terms must lie in [1, N - 1] = [1, {sde.N - 1}] (or None for all N terms); got {terms}")
     _check_levels_range(k, levels)
 
@@ -732,11 +715,11 @@ def evaluate_elbo(
     """
     if not isinstance(sde, VPSDE):
         raise TypeError(f"sde must be a VPSDE (the discrete DDPM chain); got {type(sde).__name__}")
-    _check_int("levels", levels, 2)
-    _check_int("batch_size", batch_size)
-    _check_choice("variance", variance, ("large", "small"))
+    check_int("levels", levels, 2)
+    check_int("batch_size", batch_size)
+    check_choice("variance", variance, ("large", "small"))
     if terms is not None:
-        _check_int("terms", terms)
+        check_int("terms", terms)
 
     def bpd_of_batch(k):
         res = ddpm_elbo(eps_fn, sde, k, levels, centered, variance, terms, generator, dtype)

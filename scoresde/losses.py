@@ -24,6 +24,7 @@ import torch
 
 from .model import ScoreModel
 from .sde import SDE, VESDE, VPSDE, batch_broadcast
+from ._validate import check_choice
 
 __all__ = [
     "WEIGHTINGS",
@@ -45,12 +46,6 @@ LossFn = Callable[[ScoreModel, torch.Tensor, "torch.Generator | None"], torch.Te
 
 
 # --- validation and random numbers ------------------------------------------------------
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
-    return value
-
-
 def _check_model(model, need=None, continuous=None):
     if not isinstance(model, ScoreModel):
         raise TypeError(f"model must be a scoresde.model.ScoreModel; got {type(model).__name__}")
@@ -104,8 +99,8 @@ def dsm_per_sample(
     ``lambda = s^2`` (``"default"``) or ``g^2`` (``"likelihood"``). ``x0``, ``z`` ``(B, ...)``, ``t`` ``(B,)`` -> ``(B,)``.
     """
     _check_model(model, continuous=True)
-    _check_choice("weighting", weighting, WEIGHTINGS)
-    _check_choice("reduce", reduce, REDUCES)
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("reduce", reduce, REDUCES)
     if z.shape != x0.shape:
         raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
     sde = model.sde
@@ -163,8 +158,8 @@ def sample_importance_t(
 
 def _check_dsm_options(weighting: str, reduce: str, importance_sampling: bool) -> None:
     """Shared checks of ``dsm_loss`` and ``get_loss_fn``: raises ``ValueError``/``TypeError`` naming the option."""
-    _check_choice("weighting", weighting, WEIGHTINGS)
-    _check_choice("reduce", reduce, REDUCES)
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("reduce", reduce, REDUCES)
     if not isinstance(importance_sampling, bool):
         raise TypeError(f"importance_sampling must be a bool; got {importance_sampling!r}")
     if importance_sampling and weighting != "likelihood":
@@ -213,7 +208,7 @@ def ddpm_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: tor
     ``x0``, ``z`` ``(B, ...)``, ``i`` ``(B,)`` long -> ``(B,)``.
     """
     _check_model(model, need=VPSDE)
-    _check_choice("reduce", reduce, REDUCES)
+    check_choice("reduce", reduce, REDUCES)
     if z.shape != x0.shape:
         raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
     ab = model.sde.alphas_cumprod.to(x0.device)[i].to(x0.dtype)
@@ -226,7 +221,7 @@ def _discrete_loss(per_sample, need, model, x0, generator, reduce) -> torch.Tens
     ``z ~ N(0, I)`` like ``x0``: the shared body of ``ddpm_loss`` and ``smld_loss``."""
     _check_model(model, need=need)
     _check_x0(x0)
-    _check_choice("reduce", reduce, REDUCES)
+    check_choice("reduce", reduce, REDUCES)
     i = _randint(model.sde.N, x0.shape[0], generator, x0)
     z = _randn(x0.shape, generator, x0)
     return per_sample(model, x0, i, z, reduce).mean()
@@ -248,7 +243,7 @@ def smld_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: tor
     ``x0``, ``z`` ``(B, ...)``, ``i`` ``(B,)`` long -> ``(B,)``.
     """
     _check_model(model, need=VESDE)
-    _check_choice("reduce", reduce, REDUCES)
+    check_choice("reduce", reduce, REDUCES)
     if z.shape != x0.shape:
         raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
     sde = model.sde

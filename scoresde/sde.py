@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from ._validate import check_int, check_positive
+
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "batch_broadcast", "as_time"]
@@ -52,21 +54,9 @@ def as_time(t, x: torch.Tensor, T: float = 1.0, check: bool = True) -> torch.Ten
     return t
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return value
-
-
-def _check_positive(name: str, value) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return float(value)
-
-
 def _check_beta_range(beta_min, beta_max, linear: bool = True) -> tuple[float, float]:
     """Both betas finite and > 0 and, for a linear schedule, ``beta_min < beta_max``; ValueError names the field."""
-    beta_min, beta_max = _check_positive("beta_min", beta_min), _check_positive("beta_max", beta_max)
+    beta_min, beta_max = check_positive("beta_min", beta_min), check_positive("beta_max", beta_max)
     if linear and not beta_min < beta_max:
         raise ValueError(f"beta_min must be < beta_max; got beta_min={beta_min}, beta_max={beta_max}")
     return beta_min, beta_max
@@ -92,7 +82,7 @@ class SDE(abc.ABC):
     T: float = 1.0
 
     def __init__(self, N: int):
-        self.N = _check_positive_int("N", N)
+        self.N = check_int("N", N)
 
     # --- the continuous process -------------------------------------------------
     @abc.abstractmethod
@@ -362,8 +352,8 @@ class VESDE(SDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000):
         super().__init__(N)
-        self.sigma_min = _check_positive("sigma_min", sigma_min)
-        self.sigma_max = _check_positive("sigma_max", sigma_max)
+        self.sigma_min = check_positive("sigma_min", sigma_min)
+        self.sigma_max = check_positive("sigma_max", sigma_max)
         if not sigma_min < sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.discrete_sigmas = torch.exp(

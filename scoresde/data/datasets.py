@@ -28,6 +28,7 @@ from . import archives
 from .digits import DIGITS_LEVELS, load_digits_split
 from .toy import TOY_GENERATORS, default_gmm
 from .transforms import uniform_dequantize
+from .._validate import check_choice
 
 __all__ = ["DataSet", "load_dataset", "DATASET_NAMES", "SPLITS", "TOY_SPLIT_SIZES"]
 
@@ -107,11 +108,6 @@ class DataSet:
         return uniform_dequantize(self.x, self.levels, centered=centered, generator=generator, dtype=dtype, noise=dequantize)
 
 
-def _check_choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {list(allowed)}; got {value!r}")
-
-
 def _toy_split(name: str, split: str, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(4 * seed + _SPLIT_STREAM[split])
     if name == "gmm":
@@ -145,8 +141,8 @@ def load_dataset(
         ValueError: unknown ``name``/``split``, bad ``n``/``seed``/``val_size``.
         FileNotFoundError: an archive is missing and ``download`` is False (the message gives the path).
     """
-    _check_choice("name", name, DATASET_NAMES)
-    _check_choice("split", split, SPLITS)
+    check_choice("name", name, DATASET_NAMES)
+    check_choice("split", split, SPLITS)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be None or an integer >= 1; got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -11,6 +11,7 @@ from ._common import SCHEDULES, CountingScore, Noise, SampleResult, default_eps,
 from .fast import sample_ddim, sample_dpm_solver, sample_heun
 from .ode import ADAPTIVE_ODE_METHODS, ERROR_NORMS, FIXED_ODE_METHODS, ODE_METHODS, sample_ode
 from .pc import CORRECTORS, PREDICTORS, sample_langevin, sample_pc
+from .._validate import check_choice, check_int, check_positive
 
 __all__ = ["sample", "check_method_options", "METHODS", "METHOD_OPTIONS", "DEFAULT_STEPS"]
 
@@ -37,24 +38,6 @@ DEFAULT_STEPS = {"pc": "N", "langevin": 100, "ode": 100, "ddim": 50, "dpm_solver
 DEFAULT_DENOISE = {"pc": True, "langevin": True, "ode": False, "ddim": False, "dpm_solver": False, "heun": False}
 
 
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}")
-    return value
-
-
-def _pos_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return value
-
-
-def _pos_float(name, value, allow_zero=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0; got {value!r}")
-    return float(value)
-
-
 def _bool(name, value):
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False; got {value!r}")
@@ -63,7 +46,7 @@ def _bool(name, value):
 
 def _resolve(method: str, sde: SDE, shape, steps, generator, options: dict) -> dict:
     """Check every argument and fill in defaults; raises ``ValueError``/``TypeError`` before any work."""
-    _choice("method", method, METHODS)
+    check_choice("method", method, METHODS)
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a scoresde SDE (VPSDE, SubVPSDE, VESDE); got {type(sde).__name__}")
     allowed = {**COMMON_OPTIONS, **METHOD_OPTIONS[method]}
@@ -91,7 +74,7 @@ def _resolve(method: str, sde: SDE, shape, steps, generator, options: dict) -> d
         o["steps"] = None
     else:
         d = DEFAULT_STEPS[method]
-        o["steps"] = _pos_int("steps", (sde.N if d == "N" else d) if steps is None else steps)
+        o["steps"] = check_int("steps", (sde.N if d == "N" else d) if steps is None else steps)
 
     # common options
     eps = default_eps(sde) if o["eps"] is None else o["eps"]
@@ -128,39 +111,39 @@ def check_method_options(method: str, options: dict) -> dict:
     a sampler config. Raises ``ValueError`` naming the option and its allowed values.
     ``langevin_norm=None`` stays ``None`` (``sample`` picks it from the generators).
     """
-    _choice("method", method, METHODS)
+    check_choice("method", method, METHODS)
     unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {sorted(METHOD_OPTIONS[method])}")
     o = {**METHOD_OPTIONS[method], **options}
     if method == "pc":
-        _choice("predictor", o["predictor"], tuple(PREDICTORS))
-        _choice("corrector", o["corrector"], tuple(CORRECTORS))
+        check_choice("predictor", o["predictor"], tuple(PREDICTORS))
+        check_choice("corrector", o["corrector"], tuple(CORRECTORS))
         if o["predictor"] == "none" and o["corrector"] == "none":
             raise ValueError("predictor and corrector cannot both be 'none'")
         _bool("probability_flow", o["probability_flow"])
         if o["probability_flow"] and o["predictor"] not in ("euler_maruyama", "reverse_diffusion"):
             raise ValueError(f"probability_flow=True needs predictor in ('euler_maruyama', 'reverse_diffusion'); got {o['predictor']!r}")
         if o["langevin_norm"] is not None:
-            _choice("langevin_norm", o["langevin_norm"], ("batch", "sample"))
+            check_choice("langevin_norm", o["langevin_norm"], ("batch", "sample"))
     if method in ("pc", "langevin"):
-        _pos_float("snr", o["snr"])
-        _pos_int("n_steps", o["n_steps"])
+        check_positive("snr", o["snr"])
+        check_int("n_steps", o["n_steps"])
     if method == "ode":
-        _choice("ode_method", o["ode_method"], ODE_METHODS)
-        _pos_float("rtol", o["rtol"])
-        _pos_float("atol", o["atol"])
-        _choice("error_norm", o["error_norm"], ERROR_NORMS)
-        _pos_int("trajectory_points", o["trajectory_points"])
+        check_choice("ode_method", o["ode_method"], ODE_METHODS)
+        check_positive("rtol", o["rtol"])
+        check_positive("atol", o["atol"])
+        check_choice("error_norm", o["error_norm"], ERROR_NORMS)
+        check_int("trajectory_points", o["trajectory_points"])
     if method == "ddim":
         eta = o["eta"]
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and 0 <= eta <= 1):
             raise ValueError(f"eta must lie in [0, 1]; got {eta!r}")
     if method in ("pc", "langevin", "ddim", "dpm_solver", "heun"):
-        _choice("schedule", o["schedule"], SCHEDULES)
-        _pos_float("rho", o["rho"])
+        check_choice("schedule", o["schedule"], SCHEDULES)
+        check_positive("rho", o["rho"])
     if method == "dpm_solver":
-        _choice("order", o["order"], (1, 2, 3))
+        check_choice("order", o["order"], (1, 2, 3))
         _bool("multistep", o["multistep"])
         _bool("lower_order_final", o["lower_order_final"])
     return o
