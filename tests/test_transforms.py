@@ -1,9 +1,11 @@
-"""Scalers, uniform dequantisation and flips."""
+"""Scalers, uniform dequantisation, flips and the noise-mixture augmentation."""
+
+import math
 
 import pytest
 import torch
 
-from scoresde.data import from_model_scale, random_hflip, to_model_scale, uniform_dequantize
+from scoresde.data import from_model_scale, noise_mixture, random_hflip, to_model_scale, uniform_dequantize
 
 
 @pytest.mark.parametrize("centered, lo, hi", [(True, -1.0, 1.0), (False, 0.0, 1.0)])
@@ -45,3 +47,51 @@ def test_random_hflip_per_image():
     assert 20 < int(flipped.sum()) < 80
     with pytest.raises(ValueError, match="B, C, H, W"):
         random_hflip(torch.zeros(3, 4))
+
+
+def test_noise_mixture_picks_samples_with_probability_prob_and_leaves_the_rest_unchanged():
+    n, d, prob, smin, smax = 4000, 256, 0.25, 0.03, 0.3
+    y = torch.rand(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    out = noise_mixture(y, prob, smin, smax, generator=torch.Generator().manual_seed(1))
+    assert out.shape == y.shape and out.dtype == y.dtype
+    changed = (out != y).any(dim=1)
+    # binomial count of augmented samples: within 5 standard deviations of n p
+    assert abs(int(changed.sum()) - n * prob) < 5 * math.sqrt(n * prob * (1 - prob))
+    assert torch.equal(out[~changed], y[~changed])
+    # each augmented sample carries one sigma: its per-sample std estimate lies in [smin, smax] up to the
+    # estimate's relative error (~1/sqrt(2 d) = 4.4 %, bound at 5 of those), and log sigma is uniform
+    sig = (out - y)[changed].std(dim=1)
+    rel = 5 / math.sqrt(2 * d)
+    assert float(sig.min()) > smin * (1 - rel) and float(sig.max()) < smax * (1 + rel)
+    u = (sig.log() - math.log(smin)) / math.log(smax / smin)  # ~ U[0, 1]
+    m = len(u)
+    assert abs(float(u.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / m)
+    assert abs(float((u < 0.5).double().mean()) - 0.5) < 5 * math.sqrt(0.25 / m)
+
+
+def test_noise_mixture_moments_equal_the_mixture_of_data_and_smoothed_data():
+    """Output = (1-p) p_data + p * p_data * N(0, sigma^2): mean kept, variance + p E[sigma^2] per coordinate."""
+    n, prob, smin, smax = 200_000, 0.4, 0.05, 0.5
+    g = torch.Generator().manual_seed(2)
+    y = 0.3 * torch.randn(n, 2, generator=g, dtype=torch.float64) + torch.tensor([1.0, -2.0], dtype=torch.float64)
+    out = noise_mixture(y, prob, smin, smax, generator=g)
+    e_sig2 = (smax**2 - smin**2) / (2 * math.log(smax / smin))  # E[sigma^2] for log-uniform sigma
+    want_var = 0.09 + prob * e_sig2
+    assert torch.allclose(out.mean(0), torch.tensor([1.0, -2.0], dtype=torch.float64), atol=5 * math.sqrt(want_var / n))
+    # the variance estimate's standard error sqrt(Var[(x - mean)^2] / n), from the sample itself; 5 of those
+    sq = (out - out.mean(0)) ** 2
+    assert ((out.var(0) - want_var).abs() < 5 * (sq.var(0) / n).sqrt()).all()
+
+
+def test_noise_mixture_edge_probabilities_and_bad_input():
+    y = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(noise_mixture(y, 0.0, 0.1, 0.2), y)
+    assert ((noise_mixture(y, 1.0, 0.1, 0.2, generator=torch.Generator().manual_seed(4)) - y).flatten(1) != 0).all()
+    with pytest.raises(ValueError, match="prob must lie in"):
+        noise_mixture(y, 1.5, 0.1, 0.2)
+    with pytest.raises(ValueError, match="prob must be"):
+        noise_mixture(y, -0.1, 0.1, 0.2)
+    with pytest.raises(ValueError, match="std_min must be"):
+        noise_mixture(y, 0.5, 0.0, 0.2)
+    with pytest.raises(ValueError, match="std_min must be <= std_max"):
+        noise_mixture(y, 0.5, 0.3, 0.2)

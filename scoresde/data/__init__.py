@@ -4,7 +4,7 @@ from .archives import default_root, load_cifar10, load_mnist, read_idx
 from .datasets import DATASET_NAMES, SPLITS, TOY_SPLIT_SIZES, DataSet, load_dataset
 from .digits import DIGITS_LEVELS, load_digits_split
 from .toy import checkerboard, default_gmm, eight_gaussians, eight_gaussians_gmm, swiss_roll, two_moons
-from .transforms import from_model_scale, random_hflip, scale_affine, to_model_scale, uniform_dequantize
+from .transforms import from_model_scale, noise_mixture, random_hflip, scale_affine, to_model_scale, uniform_dequantize
 
 __all__ = [
     "DataSet",
@@ -25,6 +25,7 @@ __all__ = [
     "read_idx",
     "default_root",
     "from_model_scale",
+    "noise_mixture",
     "random_hflip",
     "scale_affine",
     "to_model_scale",

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["scale_affine", "to_model_scale", "from_model_scale", "uniform_dequantize", "random_hflip"]
+from scoresde._validate import check_positive
+
+__all__ = ["scale_affine", "to_model_scale", "from_model_scale", "uniform_dequantize", "random_hflip", "noise_mixture"]
 
 
 def _check_levels(levels) -> int:
@@ -68,3 +70,32 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: f
         raise ValueError(f"random_hflip expects images (B, C, H, W); got shape {tuple(x.shape)}")
     flip = torch.rand(x.shape[0], generator=generator, device=x.device) < p
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def noise_mixture(
+    y: torch.Tensor, prob: float, std_min: float, std_max: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Noise-mixture augmentation: with probability ``prob`` per sample, ``y + sigma z`` with ``z ~ N(0, I)``
+    and ``sigma`` log-uniform in ``[std_min, std_max]`` (one draw per sample); other samples unchanged.
+
+    A model trained on the augmented batches learns
+    ``q = (1 - prob) p_data + prob * int p_data * N(0, sigma^2 I) dpi(sigma)``. Since ``q >= (1 - prob) p_data``,
+    the price on in-distribution data is at most ``-log(1 - prob)`` nats per sample (``-log(1 - prob) / (D ln 2)``
+    bits/dim: 0.0065 for ``prob = 0.25``, ``D = 64``), while a test point outside the training support keeps at
+    least ``prob`` times the smoothed density instead of a vanishing one: a regulariser of the density's tails.
+
+    Shapes: ``y (B, ...)`` in the model's scale; returns the same shape and dtype.
+    """
+    prob = check_positive("prob", prob, allow_zero=True)
+    if prob > 1:
+        raise ValueError(f"prob must lie in [0, 1]; got {prob!r}")
+    std_min, std_max = check_positive("std_min", std_min), check_positive("std_max", std_max)
+    if std_min > std_max:
+        raise ValueError(f"std_min must be <= std_max; got std_min={std_min!r}, std_max={std_max!r}")
+    b = y.shape[0]
+    pick = torch.rand(b, generator=generator, device=y.device) < prob
+    u = torch.rand(b, generator=generator, device=y.device, dtype=y.dtype)
+    sigma = std_min * (std_max / std_min) ** u
+    z = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    scale = torch.where(pick, sigma, torch.zeros_like(sigma)).reshape(b, *([1] * (y.dim() - 1)))
+    return y + scale * z
