@@ -277,7 +277,9 @@ class OracleModelConfig:
 
 @dataclass
 class DataConfig:
-    """``load_dataset(name, split, root, download, n)``; scaler ``centered``; training-time flips and dequantisation.
+    """``load_dataset(name, split, root, download, n)``; scaler ``centered``; training-time flips, dequantisation and
+    the noise-mixture augmentation (``scoresde.data.noise_mixture``: with probability ``noise_mixture_prob`` a training
+    sample gets Gaussian noise of std log-uniform in ``[noise_mixture_std_min, noise_mixture_std_max]``; 0 = off).
 
     ``n_train``/``n_eval``: number of examples (toy sets: generated size; image sets: a deterministic
     subset; ``null`` = the dataset's default / all).
@@ -291,6 +293,9 @@ class DataConfig:
     centered: bool = True
     random_flip: bool = False
     dequantize: bool = True
+    noise_mixture_prob: float = 0.0
+    noise_mixture_std_min: float = 0.03
+    noise_mixture_std_max: float = 0.3
 
     def check(self, p: str = "data") -> None:
         _choice(p, "name", self.name, DATASET_NAMES)
@@ -298,6 +303,13 @@ class DataConfig:
             _int_at_least(p, "n_train", self.n_train, 1)
         if self.n_eval is not None:
             _int_at_least(p, "n_eval", self.n_eval, 1)
+        import torch
+
+        from .data.transforms import noise_mixture
+
+        _library_check(p, lambda: noise_mixture(torch.zeros(1, 1), self.noise_mixture_prob, self.noise_mixture_std_min,
+                                                self.noise_mixture_std_max),
+                       {"prob": "noise_mixture_prob", "std_min": "noise_mixture_std_min", "std_max": "noise_mixture_std_max"})
 
 
 # --------------------------------------------------------------------------------------------

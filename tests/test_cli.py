@@ -252,3 +252,20 @@ def test_torchrun_data_parallel_train(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = metrics(run_dir)
     assert m["train"]["world_size"] == 2 and m["train"]["steps"] == 20
+
+
+def test_make_prepare_applies_the_noise_mixture_after_dequantisation():
+    """``data.noise_mixture_prob`` reaches training: the same generator state gives the dequantised batch plus
+    ``noise_mixture``'s draw; ``0`` (the default) leaves the dequantised batch alone."""
+    from scoresde import config as C
+    from scoresde.cli import make_prepare
+    from scoresde.data.transforms import noise_mixture, uniform_dequantize
+
+    k = torch.randint(0, 17, (256, 64), generator=torch.Generator().manual_seed(0))
+    cfg = C.DataConfig(name="digits", noise_mixture_prob=0.5, noise_mixture_std_min=0.05, noise_mixture_std_max=0.2)
+    got = make_prepare(cfg, 17, torch.float64)(k, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    want = noise_mixture(uniform_dequantize(k, 17, centered=True, generator=g, dtype=torch.float64), 0.5, 0.05, 0.2, generator=g)
+    assert torch.equal(got, want)
+    plain = make_prepare(C.DataConfig(name="digits"), 17, torch.float64)(k, torch.Generator().manual_seed(1))
+    assert torch.equal(plain, uniform_dequantize(k, 17, centered=True, generator=torch.Generator().manual_seed(1), dtype=torch.float64))

@@ -138,6 +138,8 @@ def test_composition_errors_name_the_field(hydra_ctx, override, pattern):
         (["eval.splits=[train,dev]"], r"eval\.splits\[i\] must be one of"),
         (["eval.divergence=trace"], r"eval\.divergence must be one of"),
         (["data.name=imagenet"], r"data\.name must be one of"),
+        (["data.noise_mixture_prob=1.5"], r"data\.noise_mixture_prob must lie in \[0, 1\]"),
+        (["data.noise_mixture_std_min=0.5"], r"data\.noise_mixture_std_min must be <= data\.noise_mixture_std_max"),
         (["device=tpu"], r"device must be one of"),
         (["dtype=float16"], r"dtype must be one of"),
     ],
