@@ -486,6 +486,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     warmup: int = 5000
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.0
     grad_clip: float = 1.0
     ema_rate: float = 0.9999
     continuous: bool = True
@@ -529,6 +531,8 @@ _TRAIN_OPTION_KEYS = {
     "adam_eps": "adam_eps",
     "weight_decay": "weight_decay",
     "warmup": "warmup",
+    "lr_schedule": "lr_schedule",
+    "lr_final_ratio": "lr_final_ratio",
     "grad_clip": "grad_clip",
     "ema_rate": "ema_rate",
     "amp": "amp",

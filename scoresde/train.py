@@ -2,12 +2,16 @@
 
 One step ``n = 0, 1, ...`` (paper defaults in brackets, Song et al. 2021, App. D)::
 
-    lr_n     = lr * min(1, (n + 1) / warmup)                       (lr 2e-4, warmup 5000)
+    lr_n     = lr * min(1, (n + 1) / warmup) * d_n                 (lr 2e-4, warmup 5000, d_n = 1)
     batch    = data[idx_n],   x0 = prepare(batch, g_noise)          (e.g. dequantise + flip)
     L        = loss_fn(model, x0, g_noise)
     g        = clip(grad L, max_norm = grad_clip)                   (1.0)
     theta    = Adam(theta, g; lr_n, beta1, beta2, eps)              (0.9, 0.999, 1e-8)
     theta_ema = d theta_ema + (1 - d) theta,  d = min(rate, (1 + n') / (10 + n'))   (rate 0.9999 VP, 0.999 VE)
+
+``d_n`` is the optional decay after warm-up (``lr_schedule``): with ``p = (n - warmup) / (n_steps - warmup)``
+clipped to [0, 1] and ``r = lr_final_ratio``, cosine ``r + (1 - r) (1 + cos(pi p)) / 2`` or linear
+``r + (1 - r) (1 - p)``; the paper keeps the rate constant (``d_n = 1``).
 
 ``train`` knows nothing about SDEs or networks: it takes any ``nn.Module``, a
 ``loss_fn(model, x0, generator) -> scalar`` and the training set as a tensor.
@@ -50,7 +54,7 @@ from tqdm.auto import tqdm
 from .checkpoint import check_state_dict, load_checkpoint, save_checkpoint
 from .ema import EMA
 
-__all__ = ["TrainOptions", "TrainResult", "train", "warmup_lr", "resolve_amp", "derive_seed", "CHECKPOINT_NAME", "BEST_NAME", "METRICS_NAME"]
+__all__ = ["TrainOptions", "TrainResult", "train", "warmup_lr", "scheduled_lr", "LR_SCHEDULES", "resolve_amp", "derive_seed", "CHECKPOINT_NAME", "BEST_NAME", "METRICS_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -62,9 +66,10 @@ PrepareFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 EvalFn = Callable[[nn.Module, int], dict]
 
 _AMP_CHOICES = ("off", "bf16", "fp16", "auto")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 # Options that define the trajectory: a resumed run must use the same values.
 _RUN_DEFINING = ("batch_size", "lr", "beta1", "beta2", "adam_eps", "weight_decay", "warmup", "grad_clip",
-                 "ema_rate", "ema_warmup", "amp", "seed")
+                 "ema_rate", "ema_warmup", "amp", "seed", "lr_schedule", "lr_final_ratio")
 
 
 # ----------------------------------------------------------------------------- options
@@ -78,6 +83,9 @@ class TrainOptions:
         lr, beta1, beta2, adam_eps: Adam (paper: 2e-4, 0.9, 0.999, 1e-8).
         weight_decay: decoupled weight decay (AdamW) if > 0; 0 gives plain Adam.
         warmup: linear learning-rate warm-up steps (0 = none).
+        lr_schedule: after warm-up, "constant" (the paper), or "cosine" / "linear" decay to ``lr_final_ratio * lr``
+            at ``n_steps`` (then ``n_steps`` also defines the run: a resumed run must keep it).
+        lr_final_ratio: the decayed rate at ``n_steps`` as a fraction of ``lr``, in [0, 1].
         grad_clip: max global gradient norm (``None`` = no clipping).
         ema_rate: EMA decay in [0, 1); ema_warmup: use ``min(rate, (1+n)/(10+n))``.
         amp: "off", "bf16" (CPU or CUDA), "fp16" (CUDA only, with a GradScaler) or "auto"
@@ -99,6 +107,8 @@ class TrainOptions:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     warmup: int = 5000
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.0
     grad_clip: Optional[float] = 1.0
     ema_rate: float = 0.9999
     ema_warmup: bool = True
@@ -120,6 +130,9 @@ class TrainOptions:
         _num(self, "adam_eps", lambda v: v > 0, "a finite number > 0")
         _num(self, "weight_decay", lambda v: v >= 0, "a finite number >= 0")
         _int(self, "warmup", 0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        _num(self, "lr_final_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")
         if self.grad_clip is not None:
             _num(self, "grad_clip", lambda v: v > 0, "a finite number > 0 or None")
         _num(self, "ema_rate", lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -189,6 +202,25 @@ def warmup_lr(step: int, base_lr: float, warmup: int) -> float:
     if warmup <= 0:
         return base_lr
     return base_lr * min(1.0, (step + 1) / warmup)
+
+
+def scheduled_lr(step: int, base_lr: float, warmup: int, n_steps: int, schedule: str = "constant",
+                 final_ratio: float = 0.0) -> float:
+    """Learning rate of (0-based) step ``n``: ``warmup_lr(n) * d_n`` with the decay ``d_n`` of ``schedule``.
+
+    ``p = clip((n - warmup) / (n_steps - warmup), 0, 1)``, ``r = final_ratio``: "constant" ``d = 1``; "cosine"
+    ``d = r + (1 - r) (1 + cos(pi p)) / 2``; "linear" ``d = r + (1 - r) (1 - p)``. So ``d = 1`` to the end of
+    warm-up and ``d = r`` at ``n = n_steps``.
+    """
+    lr = warmup_lr(step, base_lr, warmup)
+    if schedule == "constant":
+        return lr
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {LR_SCHEDULES}; got {schedule!r}")
+    span = max(n_steps - warmup, 1)
+    p = min(max((step - warmup) / span, 0.0), 1.0)
+    shape = 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
+    return lr * (final_ratio + (1.0 - final_ratio) * shape)
 
 
 def derive_seed(seed: int, rank: int, stream: int) -> int:
@@ -406,9 +438,13 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
             raise ValueError(f"checkpoint file {str(ckpt_path)!r} has format {ckpt['format']!r}, expected {_FORMAT!r}")
         check_state_dict(model, ckpt["model"], source=f"checkpoint file {str(ckpt_path)!r}")
         old = ckpt["options"]
-        for name in _RUN_DEFINING:
-            if old.get(name) != getattr(options, name):
-                raise ValueError(f"cannot resume from {str(ckpt_path)!r}: option {name} was {old.get(name)!r}, now "
+        defaults = TrainOptions()
+        # options added later than a checkpoint take their defaults; a decaying rate makes n_steps part of the run
+        defining = _RUN_DEFINING + (("n_steps",) if options.lr_schedule != "constant" else ())
+        for name in defining:
+            was = old.get(name, getattr(defaults, name))
+            if was != getattr(options, name):
+                raise ValueError(f"cannot resume from {str(ckpt_path)!r}: option {name} was {was!r}, now "
                                  f"{getattr(options, name)!r} (use the same value, another workdir, or resume=False)")
         if len(ckpt["rank_states"]) != world_size:
             raise ValueError(f"cannot resume exactly from {str(ckpt_path)!r}: it was written by {len(ckpt['rank_states'])} "
@@ -514,7 +550,7 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
     checked_scalar = False
     try:
         while step < options.n_steps and not sel["stopped_early"]:
-            lr = warmup_lr(step, options.lr, options.warmup)
+            lr = scheduled_lr(step, options.lr, options.warmup, options.n_steps, options.lr_schedule, options.lr_final_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = sampler.next(local_batch)

@@ -161,6 +161,8 @@ def test_range_errors_name_the_field(hydra_ctx, overrides, pattern):
         (["train.warmup=-1"], "train.warmup"),
         (["train.beta2=1.0"], "train.beta2"),
         (["train.weight_decay=-0.1"], "train.weight_decay"),
+        (["train.lr_schedule=step"], "train.lr_schedule"),
+        (["train.lr_final_ratio=2"], "train.lr_final_ratio"),
         (["train.eval_every=-1"], "train.eval_every"),
         (["sampler=pc", "sampler.corrector=mala"], "sampler.corrector"),
         (["sampler=ddim", "sampler.eta=-0.5"], "sampler.eta"),

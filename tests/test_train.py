@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import scoresde.checkpoint as ckpt_mod
 from scoresde.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from scoresde.data.transforms import uniform_dequantize
 from scoresde.ema import EMA, ema_decay
-from scoresde.train import CHECKPOINT_NAME, BEST_NAME, METRICS_NAME, TrainOptions, resolve_amp, train, warmup_lr
+from scoresde.train import CHECKPOINT_NAME, BEST_NAME, METRICS_NAME, TrainOptions, resolve_amp, scheduled_lr, train, warmup_lr
 
 DT = torch.float64
 
@@ -112,6 +113,65 @@ def test_warmup_schedule_values():
     assert warmup_lr(4999, 2e-4, 5000) == 2e-4
     assert warmup_lr(123456, 2e-4, 5000) == 2e-4
     assert warmup_lr(0, 2e-4, 0) == 2e-4
+
+
+def test_decay_schedule_values():
+    """Cosine / linear decay after warm-up from lr to final_ratio * lr at n_steps; constant is warm-up only."""
+    lr, w, n = 1e-3, 100, 1100
+    for sched in ("constant", "cosine", "linear"):
+        assert scheduled_lr(0, lr, w, n, sched, 0.1) == pytest.approx(lr / w, rel=1e-15)
+        assert scheduled_lr(w - 1, lr, w, n, sched, 0.1) == pytest.approx(lr, rel=1e-15)
+    assert scheduled_lr(n, lr, w, n, "constant", 0.1) == lr
+    # halfway through the decay (p = 1/2): cosine and linear both at r + (1 - r) / 2
+    assert scheduled_lr(600, lr, w, n, "cosine", 0.1) == pytest.approx(lr * 0.55, rel=1e-12)
+    assert scheduled_lr(600, lr, w, n, "linear", 0.1) == pytest.approx(lr * 0.55, rel=1e-12)
+    # p = 1/4: cosine (1 + cos(pi/4)) / 2 = 0.8536; linear 3/4
+    assert scheduled_lr(350, lr, w, n, "cosine", 0.0) == pytest.approx(lr * (1 + math.cos(math.pi / 4)) / 2, rel=1e-12)
+    assert scheduled_lr(350, lr, w, n, "linear", 0.0) == pytest.approx(lr * 0.75, rel=1e-12)
+    assert scheduled_lr(n, lr, w, n, "cosine", 0.1) == pytest.approx(lr * 0.1, rel=1e-12)
+    assert scheduled_lr(5 * n, lr, w, n, "linear", 0.0) == 0.0
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainOptions(lr_schedule="step")
+    with pytest.raises(ValueError, match="lr_final_ratio must be a number in"):
+        TrainOptions(lr_final_ratio=1.5)
+
+
+def test_decay_is_applied_in_the_loop_and_resumes_exactly(tmp_path):
+    data = make_data()
+    o = lambda **kw: opts(**{**dict(n_steps=12, warmup=2, log_every=1, lr=1e-2, lr_schedule="cosine", lr_final_ratio=0.2,
+                                    checkpoint_every=4), **kw})
+    straight = make_model()
+    res = train(straight, denoise_loss, data, o(), tmp_path / "a", progress=False)
+    lrs = [r["lr"] for r in res.history if "lr" in r]
+    assert lrs == pytest.approx([scheduled_lr(n, 1e-2, 2, 12, "cosine", 0.2) for n in range(12)], rel=1e-14)
+    calls = {"n": 0}
+
+    def crashing_loss(model, x0, g):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("simulated crash")
+        return denoise_loss(model, x0, g)
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(make_model(), crashing_loss, data, o(), tmp_path / "b", progress=False)
+    resumed = make_model()
+    train(resumed, denoise_loss, data, o(), tmp_path / "b", progress=False)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    # the decay's end point is part of the run: resuming it with another n_steps is refused, naming the option
+    with pytest.raises(ValueError, match="option n_steps was 12, now 20"):
+        train(make_model(), denoise_loss, data, o(n_steps=20), tmp_path / "b", progress=False)
+
+
+def test_checkpoint_from_before_the_schedule_options_resumes(tmp_path):
+    """A checkpoint whose options lack lr_schedule / lr_final_ratio resumes under their defaults."""
+    train(make_model(), denoise_loss, make_data(), opts(n_steps=4), tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT_NAME
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("lr_schedule", "lr_final_ratio"):
+        del state["options"][key]
+    torch.save(state, path)
+    assert train(make_model(), denoise_loss, make_data(), opts(n_steps=6), tmp_path, progress=False).step == 6
 
 
 def test_warmup_is_applied_in_the_loop(tmp_path):
