@@ -49,7 +49,7 @@ import torch
 from scoresde.baselines import dequantize_unit, fit_gmm_baseline, gmm_bits_per_dim
 from scoresde.checkpoint import load_model_weights
 from scoresde.data import load_dataset
-from scoresde.data.transforms import uniform_dequantize
+from scoresde.data.transforms import noise_mixture, uniform_dequantize
 from scoresde.likelihood import evaluate_bpd, evaluate_elbo
 from scoresde.losses import get_loss_fn
 from scoresde.model import ScoreModel
@@ -128,7 +128,10 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
                 offset = rec
 
     def prepare(batch, g):
-        return uniform_dequantize(batch, LEVELS, centered=True, generator=g, dtype=torch.float32)
+        y = uniform_dequantize(batch, LEVELS, centered=True, generator=g, dtype=torch.float32)
+        if a.aug_prob > 0:
+            y = noise_mixture(y, a.aug_prob, a.aug_std_min, a.aug_std_max, generator=g)
+        return y
 
     def eval_fn(ema_model, step):
         c0 = time.process_time()
@@ -138,10 +141,13 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
             f.write(json.dumps({"step": step, "wall": offset["wall"] + time.time() - t0,
                                 "cpu": offset["cpu"] + time.process_time() - c0_train,
                                 "val_eval_cpu": offset["val_eval_cpu"] + eval_cpu[0]}) + "\n")
-        print(f"[{kind}] step {step} val bpd {r.mean:.4f} +- {r.stderr:.4f} (nfe {r.nfe})", flush=True)
-        return {"val_bpd": r.mean, "val_bpd_se": r.stderr, "val_bpd_median": float(r.bpd.median()), "val_nfe": r.nfe}
+        print(f"[{kind}] step {step} val bpd {r.mean:.4f} +- {r.stderr:.4f} median {float(r.bpd.median()):.4f} "
+              f"worst {float(r.bpd.max()):.4g} (nfe {r.nfe})", flush=True)
+        return {"val_bpd": r.mean, "val_bpd_se": r.stderr, "val_bpd_median": float(r.bpd.median()),
+                "val_bpd_max": float(r.bpd.max()), "val_nfe": r.nfe}
 
-    opts = TrainOptions(n_steps=a.steps, batch_size=a.batch, lr=a.lr, warmup=a.warmup, ema_rate=a.ema,
+    opts = TrainOptions(n_steps=a.steps, batch_size=a.batch, lr=a.lr, warmup=a.warmup, lr_schedule=a.lr_schedule,
+                        lr_final_ratio=a.lr_final_ratio, ema_rate=a.ema,
                         weight_decay=a.weight_decay, grad_clip=1.0, seed=a.seed, log_every=500,
                         eval_every=a.eval_every, checkpoint_every=a.eval_every, select_metric="val_bpd",
                         select_mode="min", patience=a.patience)
@@ -164,8 +170,8 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
                    ("g^2 + importance sampling" if a.weighting == "likelihood" else "eps-MSE (s^2)")),
                    "parameterization": "eps" if kind == "ddpm" else a.parameterization,
                    "time_embedding": "sinusoidal(i)" if kind == "ddpm" else f"{a.time_embedding}(scale {a.fourier_scale})",
-                   **{k: getattr(a, k) for k in ("hidden", "depth", "dropout", "lr", "warmup", "ema", "weight_decay", "batch",
-                                                  "eval_every", "patience")}},
+                   **{k: getattr(a, k) for k in ("hidden", "depth", "dropout", "lr", "warmup", "lr_schedule", "ema", "weight_decay", "batch",
+                                                  "eval_every", "patience", "aug_prob", "aug_std_min", "aug_std_max")}},
         "val_curve": _val_curve(root / kind),
     }
     if kind == "ddpm":
@@ -326,6 +332,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"), help="decay after warm-up")
+    p.add_argument("--lr-final-ratio", type=float, default=0.0, help="decayed lr at --steps as a fraction of --lr")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.1)
@@ -336,6 +344,9 @@ def main(argv=None):
     p.add_argument("--weighting", default="default", choices=("default", "likelihood"), help="VP / sub-VP DSM weighting")
     p.add_argument("--parameterization", default="eps", choices=("eps", "score"), help="continuous models' network output")
     p.add_argument("--sigma-max", type=float, default=12.0, help="VE: about the largest distance between training images (9.6)")
+    p.add_argument("--aug-prob", type=float, default=0.0, help="noise-mixture augmentation: probability per image")
+    p.add_argument("--aug-std-min", type=float, default=0.03, help="noise-mixture augmentation: smallest std (model scale)")
+    p.add_argument("--aug-std-max", type=float, default=0.3, help="noise-mixture augmentation: largest std (model scale)")
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--val-probes", type=int, default=1)
