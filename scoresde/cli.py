@@ -115,7 +115,7 @@ def load_split(data_cfg: C.DataConfig, split: str, seed: int = 0):
 
 def make_prepare(data_cfg: C.DataConfig, levels: Optional[int], dtype: torch.dtype) -> Callable:
     """``prepare(batch, generator) -> x0`` on the model's scale: dequantise (discrete data), flip (images) and the
-    noise-mixture augmentation (``data.noise_mixture_prob > 0``)."""
+    noise-mixture augmentation (off at ``data.noise_mixture_prob = 0``, which draws nothing)."""
     from .data.transforms import noise_mixture, random_hflip, uniform_dequantize
 
     def prepare(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -125,10 +125,8 @@ def make_prepare(data_cfg: C.DataConfig, levels: Optional[int], dtype: torch.dty
             x = batch.to(dtype)
         if data_cfg.random_flip and x.dim() == 4:
             x = random_hflip(x, generator=generator)
-        if data_cfg.noise_mixture_prob > 0:
-            x = noise_mixture(x, data_cfg.noise_mixture_prob, data_cfg.noise_mixture_std_min, data_cfg.noise_mixture_std_max,
-                              generator=generator)
-        return x
+        return noise_mixture(x, data_cfg.noise_mixture_prob, data_cfg.noise_mixture_std_min, data_cfg.noise_mixture_std_max,
+                             generator=generator)
 
     return prepare
 

@@ -86,6 +86,10 @@ def test_noise_mixture_moments_equal_the_mixture_of_data_and_smoothed_data():
 def test_noise_mixture_edge_probabilities_and_bad_input():
     y = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(noise_mixture(y, 0.0, 0.1, 0.2), y)
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    noise_mixture(y, 0.0, 0.1, 0.2, generator=g)
+    assert torch.equal(g.get_state(), state)  # prob 0 draws nothing: runs without the augmentation keep their stream
     assert ((noise_mixture(y, 1.0, 0.1, 0.2, generator=torch.Generator().manual_seed(4)) - y).flatten(1) != 0).all()
     with pytest.raises(ValueError, match="prob must lie in"):
         noise_mixture(y, 1.5, 0.1, 0.2)

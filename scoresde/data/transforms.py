@@ -84,6 +84,9 @@ def noise_mixture(
     bits/dim: 0.0065 for ``prob = 0.25``, ``D = 64``), while a test point outside the training support keeps at
     least ``prob`` times the smoothed density instead of a vanishing one: a regulariser of the density's tails.
 
+    ``prob = 0`` returns ``y`` itself and draws nothing from ``generator`` (a run without the augmentation
+    keeps the random stream it had before the augmentation existed).
+
     Shapes: ``y (B, ...)`` in the model's scale; returns the same shape and dtype.
     """
     prob = check_positive("prob", prob, allow_zero=True)
@@ -92,6 +95,8 @@ def noise_mixture(
     std_min, std_max = check_positive("std_min", std_min), check_positive("std_max", std_max)
     if std_min > std_max:
         raise ValueError(f"std_min must be <= std_max; got std_min={std_min!r}, std_max={std_max!r}")
+    if prob == 0:
+        return y
     b = y.shape[0]
     pick = torch.rand(b, generator=generator, device=y.device) < prob
     u = torch.rand(b, generator=generator, device=y.device, dtype=y.dtype)
