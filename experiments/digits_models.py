@@ -129,9 +129,7 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
 
     def prepare(batch, g):
         y = uniform_dequantize(batch, LEVELS, centered=True, generator=g, dtype=torch.float32)
-        if a.aug_prob > 0:
-            y = noise_mixture(y, a.aug_prob, a.aug_std_min, a.aug_std_max, generator=g)
-        return y
+        return noise_mixture(y, a.aug_prob, a.aug_std_min, a.aug_std_max, generator=g)  # --aug-prob 0: y, no draws
 
     def eval_fn(ema_model, step):
         c0 = time.process_time()
@@ -141,10 +139,10 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
             f.write(json.dumps({"step": step, "wall": offset["wall"] + time.time() - t0,
                                 "cpu": offset["cpu"] + time.process_time() - c0_train,
                                 "val_eval_cpu": offset["val_eval_cpu"] + eval_cpu[0]}) + "\n")
-        print(f"[{kind}] step {step} val bpd {r.mean:.4f} +- {r.stderr:.4f} median {float(r.bpd.median()):.4f} "
-              f"worst {float(r.bpd.max()):.4g} (nfe {r.nfe})", flush=True)
-        return {"val_bpd": r.mean, "val_bpd_se": r.stderr, "val_bpd_median": float(r.bpd.median()),
-                "val_bpd_max": float(r.bpd.max()), "val_nfe": r.nfe}
+        median, worst = float(r.bpd.median()), float(r.bpd.max())
+        print(f"[{kind}] step {step} val bpd {r.mean:.4f} +- {r.stderr:.4f} median {median:.4f} worst {worst:.4g} "
+              f"(nfe {r.nfe})", flush=True)
+        return {"val_bpd": r.mean, "val_bpd_se": r.stderr, "val_bpd_median": median, "val_bpd_max": worst, "val_nfe": r.nfe}
 
     opts = TrainOptions(n_steps=a.steps, batch_size=a.batch, lr=a.lr, warmup=a.warmup, lr_schedule=a.lr_schedule,
                         lr_final_ratio=a.lr_final_ratio, ema_rate=a.ema,
