@@ -30,7 +30,9 @@ the loss in ``DistributedDataParallel`` (so gradients are averaged whatever meth
 and logs from rank 0 only.
 
 Files in ``workdir``: ``checkpoint.pt`` (latest full state), ``best.pt`` (best EMA weights by
-``select_metric``), ``metrics.jsonl`` (one JSON object per log or evaluation).
+``select_metric``), ``metrics.jsonl`` (one JSON object per log or evaluation). A model with a ``spec``
+attribute (``ScoreModel`` built by ``scoresde.build``: how to rebuild it) has it stored in both
+checkpoints under ``"spec"``, so ``scoresde.load(path)`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -506,7 +508,7 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
                 "format": _FORMAT, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                 "options": options.to_dict(), "amp": amp, "world_size": world_size, "rank_states": gathered,
-                "selection": dict(sel),
+                "selection": dict(sel), "spec": getattr(model, "spec", None),
             })
 
     def evaluate():
@@ -530,7 +532,8 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
                 sel.update(best_value=v, best_step=step, bad_evals=0)
                 if is_main:
                     save_checkpoint(best_path, {"format": _FORMAT, "step": step, "ema": ema.state_dict(),
-                                                "metrics": metrics, "options": options.to_dict()})
+                                                "metrics": metrics, "options": options.to_dict(),
+                                                "spec": getattr(model, "spec", None)})
             else:
                 sel["bad_evals"] += 1
                 if options.patience and sel["bad_evals"] >= options.patience:
