@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Tuple
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -166,9 +168,9 @@ class UNet(nn.Module):
         in_channels: int = 3,
         image_size: int = 32,
         ch: int = 128,
-        ch_mult=(1, 2, 2, 2),
+        ch_mult: Tuple[int, ...] = (1, 2, 2, 2),
         num_res_blocks: int = 2,
-        attn_resolutions=(16,),
+        attn_resolutions: Tuple[int, ...] = (16,),
         dropout: float = 0.1,
         time_embedding: str = "sinusoidal",
         fourier_scale: float = 16.0,

@@ -1,0 +1,248 @@
+"""What a run computes: samples and their quality, likelihoods (PF-ODE bits/dim, DDPM ELBO) per split.
+
+Plain functions on a reloaded run (``scoresde.runs.LoadedRun``: ``sde``, ``score_fn``, ``model``, ``oracle``,
+``shape``, ``data``, ``seed``) and on ``EvalOptions``; the random streams come from ``runs.stream_seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .plots import save_sample_figure
+
+__all__ = ["EvalOptions", "SPLITS", "draw_samples", "sample_quality", "image_fd", "nll_on_split", "elbo_on_split",
+           "evaluate_run", "print_summary"]
+
+log = logging.getLogger("scoresde")
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class EvalOptions:
+    """What a run evaluates: samples (figure + quality metrics + NFE) and likelihoods (ODE NLL, DDPM ELBO).
+
+    ``n_samples`` samples drawn in batches of ``batch_size``; ``quality``: MMD² / sliced Wasserstein to the test
+    split; ``nll``: PF-ODE bits/dim on each of ``splits`` with the solver options ``divergence``, ``probes``,
+    ``rtol``, ``atol``, ``eps`` (``scoresde.log_likelihood``); ``elbo``: the DDPM ELBO (VP models on discrete data;
+    ``elbo_terms=None`` sums all N terms); ``use_ema``: evaluate the EMA weights. ``fd``: for image data, also the
+    Fréchet distance of the samples to the test split on the features of a small classifier trained on the same
+    data set (``scoresde.features``; cached in ``feature_cache``, default ``features.default_cache_dir()``), with
+    the same distance between a training subset and the test split as its floor.
+    """
+
+    n_samples: int = 256
+    batch_size: int = 256
+    quality: bool = True
+    nll: bool = True
+    splits: List[str] = field(default_factory=lambda: ["test"])
+    divergence: str = "hutchinson"
+    probes: int = 1
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    eps: float = 1e-5
+    elbo: bool = False
+    elbo_terms: Optional[int] = None
+    use_ema: bool = True
+    fd: bool = False
+    feature_cache: Optional[str] = None
+
+    def check(self) -> "EvalOptions":
+        """Range checks (``ValueError`` naming the field); the solver fields through ``check_likelihood_options``."""
+        from ._validate import check_choice, check_int
+        from .likelihood import check_likelihood_options
+
+        check_int("n_samples", self.n_samples, 0)
+        check_int("batch_size", self.batch_size)
+        for s in self.splits:
+            check_choice("splits[i]", s, SPLITS)
+        check_likelihood_options(divergence=self.divergence, probes=self.probes, rtol=self.rtol, atol=self.atol, eps=self.eps)
+        if self.elbo_terms is not None:
+            check_int("elbo_terms", self.elbo_terms)
+        return self
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+@torch.no_grad()
+def draw_samples(score_fn, sde, shape, sampler: dict, n: int, batch_size: int, seed: int, device, dtype, progress: bool = False):
+    """``n`` samples of per-sample ``shape`` with the configured sampler, in batches.
+
+    ``sampler``: ``{"method": ..., **options of scoresde.sample}``.
+    Returns ``(x (n, *shape), nfe per batch (list of int), seconds)``. Batch ``j`` uses the generator
+    seeded ``stream(seed, 1, j)``.
+    """
+    from .runs import stream_seed
+    from .samplers import sample
+
+    kwargs = dict(sampler)
+    method = kwargs.pop("method")
+    xs, nfes = [], []
+    t0 = time.perf_counter()
+    for j, start in enumerate(range(0, n, batch_size)):
+        b = min(batch_size, n - start)
+        g = _generator(stream_seed(seed, 1, j), device)
+        res = sample(score_fn, sde, (b, *shape), method=method, generator=g, progress=progress,
+                     device=device, dtype=dtype, **kwargs)
+        xs.append(res.x.detach())
+        nfes.append(int(res.nfe))
+    x = torch.cat(xs) if xs else torch.empty((0, *shape), device=device, dtype=dtype)
+    return x, nfes, time.perf_counter() - t0
+
+
+def sample_quality(samples: torch.Tensor, reference: torch.Tensor, seed: int) -> dict:
+    """Two-sample statistics of ``samples`` against ``reference`` (both on the model scale, flattened).
+
+    ``mmd2`` (unbiased, RBF, median-heuristic bandwidths), ``swd`` (sliced Wasserstein-2) and, as the
+    scale of chance, ``mmd2_floor``: the same MMD between two disjoint halves of the reference.
+    Non-finite samples are counted (``nonfinite``) and left out.
+    """
+    from .metrics import mmd2_unbiased, sliced_wasserstein
+
+    x = samples.reshape(samples.shape[0], -1).double().cpu()
+    y = reference.reshape(reference.shape[0], -1).double().cpu()
+    ok = torch.isfinite(x).all(dim=1)
+    out = {"n": int(x.shape[0]), "nonfinite": int((~ok).sum())}
+    x = x[ok]
+    if x.shape[0] < 2 or y.shape[0] < 4:
+        return out
+    g = torch.Generator().manual_seed(int(seed))
+    out["mmd2"] = float(mmd2_unbiased(x, y))
+    out["swd"] = float(sliced_wasserstein(x, y, n_projections=128, generator=g))
+    perm = torch.randperm(y.shape[0], generator=g)
+    h = y.shape[0] // 2
+    out["mmd2_floor"] = float(mmd2_unbiased(y[perm[:h]][: x.shape[0]], y[perm[h:]]))
+    return out
+
+
+def image_fd(samples: torch.Tensor, test, data, eval_opts: EvalOptions, seed: int, device) -> dict:
+    """Fréchet distance (``fd``) of image samples to the test split on a cached classifier's features, and
+    ``fd_floor``: the same distance from as many training images to the test split."""
+    from .features import FeatureExtractor, frechet_distance_images
+    from .runs import load_split
+
+    ext = FeatureExtractor.load_or_train(data.name, cache_dir=eval_opts.feature_cache, root=data.root, seed=0, device=device)
+    x = samples[torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)].to(device=device, dtype=torch.float32)
+    out = {"fd_classifier_test_accuracy": ext.test_accuracy}
+    if x.shape[0] < 2:
+        return out
+    out["fd"] = frechet_distance_images(x, test.x.to(device), ext)
+    train = load_split(data, "train", seed=seed)
+    out["fd_floor"] = frechet_distance_images(train.x[: x.shape[0]].to(device), test.x.to(device), ext)
+    return out
+
+
+def nll_on_split(run, ds, eval_opts: EvalOptions, seed: int, device, dtype, progress: bool = False) -> dict:
+    """Negative log-likelihood of one split through the probability-flow ODE.
+
+    Discrete data: dequantised bits/dim of the integer data (``evaluate_bpd``; mean and standard error
+    over examples). Continuous data: ``nll_nats`` (nats per dimension) and ``bpd`` = nats / ln 2 per
+    dimension (not comparable to discrete bits/dim); with the oracle, also the exact ``nll_nats_true``.
+    """
+    from .likelihood import evaluate_bpd, log_likelihood
+    from .runs import stream_seed
+
+    kw = dict(divergence=eval_opts.divergence, probes=eval_opts.probes, rtol=eval_opts.rtol, atol=eval_opts.atol, eps=eval_opts.eps)
+    g = _generator(stream_seed(seed, 2), device)
+    t0 = time.perf_counter()
+    if ds.is_discrete:
+        res = evaluate_bpd(run.score_fn, run.sde, ds.x.to(device), levels=ds.levels, centered=run.data.centered,
+                           batch_size=eval_opts.batch_size, generator=g, dtype=dtype, device=device, progress=progress, **kw)
+        return {"bpd": float(res.mean), "bpd_stderr": float(res.stderr), "n": int(res.bpd.numel()), "nfe": int(res.nfe),
+                "seconds": time.perf_counter() - t0}
+    x_all = ds.x.to(device=device, dtype=dtype)
+    D = x_all[0].numel()
+    vals, nfe = [], 0
+    for start in range(0, x_all.shape[0], eval_opts.batch_size):
+        x = x_all[start: start + eval_opts.batch_size]
+        res = log_likelihood(run.score_fn, run.sde, x, generator=g, **kw)
+        vals.append((-res.logp / D).detach().double().cpu())
+        nfe += int(res.nfe)
+    v = torch.cat(vals)
+    out = {"nll_nats": float(v.mean()), "nll_nats_stderr": float(v.std(unbiased=True) / math.sqrt(v.numel())) if v.numel() > 1 else 0.0,
+           "bpd": float(v.mean() / math.log(2)), "bpd_stderr": float(v.std(unbiased=True) / math.sqrt(v.numel()) / math.log(2)) if v.numel() > 1 else 0.0,
+           "n": int(v.numel()), "nfe": nfe, "seconds": time.perf_counter() - t0}
+    if run.oracle is not None:
+        out["nll_nats_true"] = float((-run.oracle.log_prob(x_all.double().cpu()) / D).mean())
+    return out
+
+
+def elbo_on_split(run, ds, eval_opts: EvalOptions, seed: int, device, dtype, progress: bool = False) -> Optional[dict]:
+    """The discrete DDPM negative ELBO in bits/dim (VP models on discrete data only; else ``None``)."""
+    from .likelihood import evaluate_elbo
+    from .runs import stream_seed
+    from .sde import VPSDE
+
+    if not (ds.is_discrete and isinstance(run.sde, VPSDE)):
+        return None
+    eps_fn = run.model.ddpm_eps_fn() if run.model is not None else run.oracle.ddpm_eps_fn(run.sde)
+    g = _generator(stream_seed(seed, 3), device)
+    t0 = time.perf_counter()
+    res = evaluate_elbo(eps_fn, run.sde, ds.x.to(device), levels=ds.levels, centered=run.data.centered,
+                        batch_size=eval_opts.batch_size, terms=eval_opts.elbo_terms, generator=g, dtype=dtype, device=device,
+                        progress=progress)
+    return {"bpd": float(res.mean), "bpd_stderr": float(res.stderr), "n": int(res.bpd.numel()), "nfe": int(res.nfe),
+            "seconds": time.perf_counter() - t0}
+
+
+def evaluate_run(run, sampler: Optional[dict], eval_opts: EvalOptions, outdir: Path, seed: int, device, dtype,
+                 progress: bool = False, label: str = "", do_samples: bool = True, do_nll: Optional[bool] = None) -> dict:
+    """Samples (figure, NFE, quality vs the test split) and likelihoods (ODE NLL per split, DDPM ELBO)."""
+    from .runs import SAMPLES_NAME, load_split, reference_samples, stream_seed
+
+    out: dict = {}
+    data = run.data
+    test = load_split(data, "test", seed=run.seed)
+    if do_samples and eval_opts.n_samples > 0:
+        x, nfes, secs = draw_samples(run.score_fn, run.sde, run.shape, sampler, eval_opts.n_samples, eval_opts.batch_size,
+                                     seed, device, dtype, progress)
+        s = {"method": sampler["method"], "steps": sampler.get("steps"), "nfe": nfes[0] if len(set(nfes)) == 1 else nfes,
+             "nfe_mean": sum(nfes) / len(nfes), "seconds": secs}
+        ref = reference_samples(test, data, seed=stream_seed(seed, 4), dtype=torch.float64, device="cpu")
+        if eval_opts.quality:
+            s.update(sample_quality(x, ref, seed=stream_seed(seed, 5)))
+        if eval_opts.fd and x.dim() == 4:
+            s.update(image_fd(x, test, data, eval_opts, seed=run.seed, device=device))
+        fig = outdir / (f"samples_{label}.png" if label else SAMPLES_NAME)
+        save_sample_figure(x, fig, data.centered, reference=ref if x.dim() == 2 else None,
+                           title=f"{label or sampler['method']}: NFE {s['nfe_mean']:.0f}")
+        s["figure"] = fig.name
+        torch.save(x.cpu(), outdir / (f"samples_{label}.pt" if label else "samples.pt"))
+        out["samples"] = s
+    if do_nll if do_nll is not None else eval_opts.nll:
+        out["nll"] = {}
+        for split in eval_opts.splits:
+            ds = test if split == "test" else load_split(data, split, seed=run.seed)
+            out["nll"][split] = nll_on_split(run, ds, eval_opts, seed, device, dtype, progress)
+    if eval_opts.elbo:
+        el = {}
+        for split in eval_opts.splits:
+            ds = test if split == "test" else load_split(data, split, seed=run.seed)
+            r = elbo_on_split(run, ds, eval_opts, seed, device, dtype, progress)
+            if r is not None:
+                el[split] = r
+        if el:
+            out["elbo"] = el
+    return out
+
+
+def print_summary(metrics: dict, prefix: str = "") -> None:
+    s = metrics.get("samples")
+    if s:
+        q = f", MMD^2 {s['mmd2']:.4g} (floor {s['mmd2_floor']:.2g})" if "mmd2" in s else ""
+        log.info(f"{prefix}samples: {s['method']} NFE {s['nfe_mean']:.0f}{q}")
+    for split, r in (metrics.get("nll") or {}).items():
+        log.info(f"{prefix}{split} bits/dim (PF-ODE): {r['bpd']:.4f} +- {r['bpd_stderr']:.4f} (n={r['n']})")
+    for split, r in (metrics.get("elbo") or {}).items():
+        log.info(f"{prefix}{split} bits/dim (DDPM ELBO): {r['bpd']:.4f} +- {r['bpd_stderr']:.4f} (n={r['n']})")
+
+

@@ -1,0 +1,450 @@
+"""What the apps do, as plain functions on plain objects: train a run, reload it, sample from it, score it.
+
+``scoresde.config`` turns a Hydra config into the dataclasses here (``RunConfig``, ``DataOptions``,
+``scoresde.evaluate.EvalOptions``, ``scoresde.train.TrainOptions``); nothing here knows Hydra, so a
+script can call ``run_train(RunConfig(...), outdir)`` directly. Every run directory holds:
+
+* ``config.yaml`` -- the resolved config (written by the app);
+* ``spec.json`` -- the model's build spec (``scoresde.build``), also inside every checkpoint;
+* ``checkpoint.pt`` / ``best.pt`` / ``metrics.jsonl`` -- training state and log;
+* ``metrics.json`` -- every number of the run, machine-readable; ``samples.png`` -- a sample figure.
+
+Run directories written before the build spec existed are read through ``legacy_spec``, which
+translates their ``config.yaml`` once (``LEGACY_KEYS``: the old field names and their new ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import build
+from .evaluate import EvalOptions, evaluate_run, print_summary
+from .train import BEST_NAME, CHECKPOINT_NAME, TrainOptions, derive_seed
+
+__all__ = ["DataOptions", "RunConfig", "LoadedRun", "run_train", "run_sample", "run_nll", "load_run", "load_split",
+           "make_prepare", "reference_samples", "write_json", "stream_seed", "legacy_spec", "LEGACY_KEYS",
+           "translate_legacy", "CONFIG_NAME", "SPEC_NAME", "METRICS_NAME", "SAMPLES_NAME"]
+
+log = logging.getLogger("scoresde")
+
+CONFIG_NAME = "config.yaml"
+SPEC_NAME = "spec.json"
+METRICS_NAME = "metrics.json"
+SAMPLES_NAME = "samples.png"
+
+
+# ============================================================================================
+# options
+# ============================================================================================
+@dataclass
+class DataOptions:
+    """The data of a run: ``load_dataset(name, split, root, download, n)``, the scaler (``centered``: [-1, 1]
+    else [0, 1]) and the training-time transforms (uniform dequantisation of discrete data, horizontal flips,
+    and the noise-mixture augmentation ``scoresde.data.noise_mixture``: with probability
+    ``noise_mixture_prob`` a training sample gets Gaussian noise of std log-uniform in
+    ``[noise_mixture_std_min, noise_mixture_std_max]``; 0 = off). ``n_train``/``n_eval``: number of examples
+    (toy sets: generated size; image sets: a deterministic subset; ``None`` = the data set's default / all).
+    """
+
+    name: str = "gmm"
+    n_train: Optional[int] = None
+    n_eval: Optional[int] = None
+    root: Optional[str] = None
+    download: bool = False
+    centered: bool = True
+    random_flip: bool = False
+    dequantize: bool = True
+    noise_mixture_prob: float = 0.0
+    noise_mixture_std_min: float = 0.03
+    noise_mixture_std_max: float = 0.3
+
+
+@dataclass
+class RunConfig:
+    """Everything ``run_train`` needs, as plain values.
+
+    ``sde``/``net``: ``{"name", "kwargs"}`` of ``scoresde.build.SDES`` / ``NETWORKS`` (``net=None``: the exact
+    score of ``data=gmm``'s mixture, nothing to train); ``parameterization``: ``None`` for the SDE's usual one;
+    ``loss``: keyword arguments of ``scoresde.losses.get_loss_fn`` (``continuous``, ``weighting``, ...);
+    ``sampler``: ``{"method": ..., **options of scoresde.sample}``; ``train.seed`` is replaced by ``seed``; with
+    ``train.eval_every > 0`` the training loss on a fixed validation batch is evaluated as ``"val_loss"`` (set
+    ``train.select_metric="val_loss"`` to keep the best EMA weights in ``best.pt``).
+    """
+
+    sde: dict
+    net: Optional[dict]
+    data: DataOptions
+    sampler: dict
+    train: TrainOptions
+    loss: dict
+    eval: EvalOptions
+    parameterization: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    progress: bool = True
+    config: dict = field(default_factory=dict)  # the resolved app config, recorded in metrics.json
+
+
+# ============================================================================================
+# small helpers
+# ============================================================================================
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if torch.is_tensor(v):
+        return _jsonable(v.tolist())
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as indented JSON (tensors -> lists, non-finite floats -> strings), atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def stream_seed(seed: int, *stream: int) -> int:
+    """The seed of an independent random stream of a run (sampling, likelihood, ...): ``derive_seed(seed, *stream, bits=32)``."""
+    return derive_seed(seed, *stream, bits=32)
+
+
+def _write_config(config: dict, outdir: Path) -> None:
+    import yaml
+
+    (outdir / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; otherwise ``torch.device(name)`` (``ValueError`` if CUDA is absent)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _setup(c) -> tuple[torch.device, torch.dtype]:
+    if c.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}; got {c.dtype!r}")
+    torch.manual_seed(c.seed)
+    return resolve_device(c.device), DTYPES[c.dtype]
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ============================================================================================
+# data
+# ============================================================================================
+def load_split(data: DataOptions, split: str, seed: int = 0):
+    """``load_dataset`` for one split: ``n_train`` examples for "train", ``n_eval`` for the others."""
+    from .data import load_dataset
+
+    n = data.n_train if split == "train" else data.n_eval
+    return load_dataset(data.name, split=split, root=data.root, download=data.download, n=n, seed=seed)
+
+
+def make_prepare(data: DataOptions, levels: Optional[int], dtype: torch.dtype) -> Callable:
+    """``prepare(batch, generator) -> x0`` on the model's scale: dequantise (discrete data), flip (images) and the
+    noise-mixture augmentation (off at ``noise_mixture_prob = 0``, which draws nothing)."""
+    from .data.transforms import noise_mixture, random_hflip, uniform_dequantize
+
+    def prepare(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if levels is not None:
+            x = uniform_dequantize(batch, levels, centered=data.centered, generator=generator, dtype=dtype, noise=data.dequantize)
+        else:
+            x = batch.to(dtype)
+        if data.random_flip and x.dim() == 4:
+            x = random_hflip(x, generator=generator)
+        return noise_mixture(x, data.noise_mixture_prob, data.noise_mixture_std_min, data.noise_mixture_std_max, generator=generator)
+
+    return prepare
+
+
+def reference_samples(ds, data: DataOptions, seed: int, dtype, device) -> torch.Tensor:
+    """The data on the model's scale (discrete data uniformly dequantised with a fixed seed)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return ds.model_scale(centered=data.centered, dequantize=True, generator=g, dtype=dtype).to(device)
+
+
+# ============================================================================================
+# reloading a run
+# ============================================================================================
+@dataclass
+class LoadedRun:
+    """A trained (or oracle) model ready for evaluation, with the data options and seed of its run."""
+
+    sde: Any
+    score_fn: Callable
+    model: Any  # ScoreModel or None (oracle)
+    oracle: Any  # GaussianMixture or None
+    shape: tuple
+    data: DataOptions
+    seed: int
+    run_dir: Path
+    checkpoint: Optional[Path]
+    step: Optional[int]
+
+
+def _oracle():
+    from .data import default_gmm
+
+    return default_gmm(2)
+
+
+def _run_spec(run_dir: Path) -> Optional[dict]:
+    p = run_dir / SPEC_NAME
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def load_run(ckpt: str, device, dtype, use_ema: bool = True) -> LoadedRun:
+    """Reload a ``scoresde-train`` run (a run directory or one of its checkpoint files) for evaluation.
+
+    The model comes from the checkpoint's build spec (``scoresde.build.load``); the run's data options from
+    the spec's ``data`` entry. Runs written before specs existed are read through ``legacy_spec``.
+    Raises ``FileNotFoundError``/``ValueError`` naming the file or directory that does not fit.
+    """
+    p = Path(ckpt).expanduser()
+    run_dir = p if p.is_dir() else p.parent
+    if not p.exists():
+        raise FileNotFoundError(f"ckpt: no such file or directory: {ckpt!r} (give a scoresde-train run directory or a checkpoint file)")
+    spec = _run_spec(run_dir) or legacy_spec(run_dir)
+    if spec is None:
+        raise FileNotFoundError(f"ckpt: {str(run_dir)!r} has no {SPEC_NAME} or {CONFIG_NAME} (is it a scoresde-train run directory?)")
+    data = DataOptions(**spec["data"]["options"])
+    seed = int(spec.get("seed", 0))
+    if spec["net"] is None:  # the oracle: nothing was trained
+        gm = _oracle()
+        sde = build.build_sde(spec["sde"]["name"], **spec["sde"]["kwargs"])
+        return LoadedRun(sde, gm.score_fn(sde), None, gm, (gm.D,), data, seed, run_dir, None, None)
+    from .checkpoint import load_checkpoint
+
+    file = build.find_checkpoint(p)
+    model, sde = build.load(file, ema=use_ema, spec=spec)
+    model = model.to(device=device, dtype=dtype)
+    step = load_checkpoint(file, map_location="cpu").get("step")
+    return LoadedRun(sde, model.score_fn, model, None, tuple(spec["data_shape"]), data, seed, run_dir, file, step)
+
+
+# Old config.yaml field -> new field (value translation, if any). The one place the old names live.
+LEGACY_KEYS = {
+    "train.n_iters": ("train.n_steps", None),
+    "train.ckpt_every": ("train.checkpoint_every", None),
+    "train.likelihood_weighting": ("train.weighting", {True: "likelihood", False: "default"}),
+    "train.reduce_mean": ("train.reduce", {True: "mean", False: "sum"}),
+    "train.grad_clip": ("train.grad_clip", {0: None, 0.0: None}),
+}
+IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def translate_legacy(cfg: dict) -> tuple[dict, list[str]]:
+    """Rename the old fields of a config dict (``LEGACY_KEYS``); returns ``(new dict, notes)``, one note per renamed field."""
+    cfg = json.loads(json.dumps(cfg))
+    notes = []
+    for old, (new, values) in LEGACY_KEYS.items():
+        g, k = old.split(".")
+        node = cfg.get(g)
+        if not isinstance(node, dict) or k not in node:
+            continue
+        v = node.pop(k)
+        if values is not None and v in values:
+            v = values[v]
+        node[new.split(".")[1]] = v
+        if old != new:
+            notes.append(f"{old} -> {new}")
+    return cfg, notes
+
+
+def legacy_spec(run_dir: Path) -> Optional[dict]:
+    """The build spec of a run written before specs existed, from its ``config.yaml`` (``None`` if it has none).
+
+    Old field names are translated once (``translate_legacy``); the model's ``name: unet`` group, the
+    ``auto`` parameterisation and the data shape of the image sets are resolved as the old release did.
+    """
+    import yaml
+
+    p = Path(run_dir) / CONFIG_NAME
+    if not p.is_file():
+        return None
+    cfg, notes = translate_legacy(yaml.safe_load(p.read_text()) or {})
+    if "sde" not in cfg or "model" not in cfg or "data" not in cfg:
+        raise ValueError(f"{str(p)!r} is not the config of a scoresde-train run (it has no sde/model/data); "
+                         "give the training run directory, not a sample or nll output directory")
+    if notes:
+        log.info("read %s written by an older scoresde: renamed %s", p, ", ".join(notes))
+    sde_cfg = dict(cfg["sde"])
+    sde = build.build_sde(sde_cfg.pop("name"), **sde_cfg)
+    data_fields = {f.name for f in dataclasses.fields(DataOptions)}
+    data = DataOptions(**{k: v for k, v in cfg["data"].items() if k in data_fields})
+    model_cfg = dict(cfg["model"])
+    name = model_cfg.pop("name")
+    param = model_cfg.pop("parameterization", "auto")
+    seed = int(cfg.get("seed", 0))
+    continuous = bool(cfg.get("train", {}).get("continuous", True))
+    if name == "oracle":
+        spec = build.model_spec(sde, "mlp", {}, (2,), continuous=continuous, seed=seed)
+        spec["net"] = None
+    else:
+        if data.name in IMAGE_SHAPES:
+            shape = IMAGE_SHAPES[data.name]
+        else:
+            shape = tuple(load_split(data, "test", seed=seed).shape)
+        if name == "unet":
+            model_cfg["ch_mult"] = tuple(model_cfg["ch_mult"])
+            model_cfg["attn_resolutions"] = tuple(model_cfg["attn_resolutions"])
+        spec = build.model_spec(sde, name, model_cfg, shape, parameterization=None if param == "auto" else param,
+                                continuous=continuous, seed=seed)
+    spec["data"] = _data_entry(data, None)
+    return spec
+
+
+def _data_entry(data: DataOptions, levels: Optional[int]) -> dict:
+    return {"options": dataclasses.asdict(data), "centered": data.centered, "levels": levels}
+
+
+# ============================================================================================
+# the runs
+# ============================================================================================
+def _val_loss_fn(loss_fn, val_x0: torch.Tensor, seed: int):
+    """``eval_fn(ema_model, step) -> {"val_loss": ...}``: the training loss on a fixed validation batch and noise."""
+
+    def eval_fn(ema_model, step):
+        g = _generator(seed, val_x0.device)
+        with torch.no_grad():
+            return {"val_loss": float(loss_fn(ema_model, val_x0, g))}
+
+    return eval_fn
+
+
+def _spec_for(c: RunConfig, train_ds) -> dict:
+    sde = build.build_sde(c.sde["name"], **c.sde["kwargs"])
+    if c.net is None:
+        spec = build.model_spec(sde, "mlp", {}, train_ds.shape, continuous=c.loss.get("continuous", True), seed=c.seed)
+        spec["net"] = None
+    else:
+        spec = build.model_spec(sde, c.net["name"], c.net["kwargs"], train_ds.shape, parameterization=c.parameterization,
+                                continuous=c.loss.get("continuous", True), seed=c.seed)
+    spec["data"] = _data_entry(c.data, train_ds.levels)
+    return spec
+
+
+def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True, callback=None):
+    """Train the configured model into ``outdir`` (``spec.json``, ``checkpoint.pt``, ``best.pt``, ``metrics.jsonl``).
+
+    Returns ``(TrainResult or None, seconds)``; ``None`` for the oracle (nothing to train).
+    """
+    from .losses import get_loss_fn
+    from .train import train
+
+    train_ds = load_split(c.data, "train", seed=c.seed)
+    spec = _spec_for(c, train_ds)
+    if _is_rank0():
+        write_json(outdir / SPEC_NAME, spec)
+    if spec["net"] is None:
+        log.info("model=oracle: the exact score of the data's mixture; nothing to train")
+        return None, 0.0
+    model = build.build_model(spec, device=device, dtype=dtype)
+    loss_fn = get_loss_fn(model.sde, **c.loss)
+    prepare = make_prepare(c.data, train_ds.levels, dtype)
+    eval_fn = None
+    if c.train.eval_every > 0:
+        val_ds = load_split(c.data, "val", seed=c.seed)
+        val_x0 = prepare(val_ds.x[: 4 * c.train.batch_size].to(device), _generator(stream_seed(c.seed, 6), device))
+        eval_fn = _val_loss_fn(loss_fn, val_x0, stream_seed(c.seed, 7))
+    options = dataclasses.replace(c.train, seed=c.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("training %s (%s parameters) on %s (%d examples), sde=%s, continuous=%s, %d steps, device=%s",
+             spec["net"]["name"], f"{n_params:,}", c.data.name, len(train_ds), spec["sde"]["name"], spec["continuous"],
+             options.n_steps, device)
+    t0 = time.perf_counter()
+    kwargs = {"callback": callback} if callback is not None else {}
+    result = train(model, loss_fn, train_ds.x, options, outdir, prepare=prepare, eval_fn=eval_fn, resume=True,
+                   progress=progress, **kwargs)
+    return result, time.perf_counter() - t0
+
+
+def run_train(c: RunConfig, outdir, progress: Optional[bool] = None) -> dict:
+    """Train, then evaluate (samples with the configured sampler; NLL per split; ELBO if asked).
+
+    Writes checkpoints, ``spec.json``, ``metrics.json`` and the sample figure into ``outdir`` and returns the
+    metrics dict. Under torchrun only rank 0 evaluates.
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    progress = c.progress if progress is None else progress
+    device, dtype = _setup(c)
+    if c.config:
+        _write_config(c.config, outdir)
+    result, secs = train_model(c, outdir, device, dtype, progress)
+    metrics: dict = {"config": c.config}
+    if result is not None:
+        metrics["train"] = {"steps": int(result.step), "final_loss": float(result.loss), "seconds": secs,
+                            "best_step": result.best_step, "best_val_loss": result.best_value,
+                            "stopped_early": bool(result.stopped_early), "world_size": int(getattr(result, "world_size", 1))}
+    if not _is_rank0():
+        return metrics
+    run = load_run(str(outdir), device, dtype, use_ema=c.eval.use_ema)
+    metrics["checkpoint"] = run.checkpoint.name if run.checkpoint else None
+    metrics.update(evaluate_run(run, c.sampler, c.eval, outdir, c.seed, device, dtype, progress))
+    write_json(outdir / METRICS_NAME, metrics)
+    print_summary(metrics)
+    log.info("run directory: %s", outdir)
+    return metrics
+
+
+def _evaluate_saved_run(c, outdir, progress: Optional[bool], sampler: Optional[dict], **evaluate_kwargs) -> dict:
+    """Reload the run ``c.ckpt``, check ``sampler`` (if any) against its SDE, then ``evaluate_run`` into ``outdir``."""
+    from .samplers import check_sample_options
+
+    outdir = Path(outdir)
+    progress = c.progress if progress is None else progress
+    device, dtype = _setup(c)
+    run = load_run(c.ckpt, device, dtype, use_ema=c.eval.use_ema)
+    if sampler is not None:
+        opts = {k: v for k, v in sampler.items() if k != "method"}
+        check_sample_options(run.sde, sampler["method"], **opts)
+    outdir.mkdir(parents=True, exist_ok=True)
+    if c.config:
+        _write_config(c.config, outdir)
+    metrics = {"config": c.config, "run": str(run.run_dir), "checkpoint": str(run.checkpoint) if run.checkpoint else None}
+    metrics.update(evaluate_run(run, sampler, c.eval, outdir, c.seed, device, dtype, progress, **evaluate_kwargs))
+    write_json(outdir / METRICS_NAME, metrics)
+    print_summary(metrics)
+    log.info("output directory: %s", outdir)
+    return metrics
+
+
+def run_sample(c, outdir, progress: Optional[bool] = None) -> dict:
+    """Samples from a trained run (``c.ckpt``) with ``c.sampler``: figure, ``samples.pt``, NFE and quality."""
+    return _evaluate_saved_run(c, outdir, progress, c.sampler, do_nll=False)
+
+
+def run_nll(c, outdir, progress: Optional[bool] = None) -> dict:
+    """Bits/dim of a trained run per split (``c.eval.splits``) with standard errors; DDPM ELBO with ``eval.elbo``."""
+    return _evaluate_saved_run(c, outdir, progress, None, do_samples=False, do_nll=True)
