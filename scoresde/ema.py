@@ -13,25 +13,23 @@ statistics) are copied, not averaged.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
+
+from ._validate import check_in_range, check_int
 
 __all__ = ["EMA", "ema_decay"]
 
 
 def ema_decay(rate: float, n: int, warmup: bool = True) -> float:
     """Decay used by the ``n``-th update (``n >= 1``): ``min(rate, (1 + n) / (10 + n))`` or ``rate``."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n (the update count) must be an integer >= 1; got {n!r}")
+    n = check_int("n (the update count)", n, 1)
     return min(rate, (1.0 + n) / (10.0 + n)) if warmup else rate
 
 
 def _check_rate(rate) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"ema_rate must be a number in [0, 1); got {rate!r}")
-    return float(rate)
+    return check_in_range("ema_rate", rate, 0, 1, high_closed=False)
 
 
 class EMA:

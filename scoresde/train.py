@@ -33,13 +33,21 @@ Files in ``workdir``: ``checkpoint.pt`` (latest full state), ``best.pt`` (best E
 ``select_metric``), ``metrics.jsonl`` (one JSON object per log or evaluation). A model with a ``spec``
 attribute (``ScoreModel`` built by ``scoresde.build``: how to rebuild it) has it stored in both
 checkpoints under ``"spec"``, so ``scoresde.load(path)`` needs nothing else.
+
+Reporting. Rank 0 shows a tqdm bar (``progress=False`` turns it off), appends every record to
+``metrics.jsonl``, logs it through the ``logging`` logger ``"scoresde.train"`` (INFO; silent unless the
+application configures logging) and hands a copy to ``callback(record)``, the hook for TensorBoard, W&B and
+the like. A record is ``{"step", "loss", "lr", "steps_per_s", "ema_decay"[, "grad_norm_max", "loss_scale"]}``
+every ``log_every`` steps, or ``{"step", "eval": {...}[, "best_value", "best_step"]}`` after an evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -53,6 +61,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._validate import check_bool, check_choice, check_in_range, check_int, check_positive
 from .checkpoint import check_state_dict, load_checkpoint, save_checkpoint
 from .ema import EMA
 
@@ -66,6 +75,9 @@ _FORMAT = "scoresde-train-1"
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 PrepareFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 EvalFn = Callable[[nn.Module, int], dict]
+Callback = Callable[[dict], None]
+
+logger = logging.getLogger(__name__)  # "scoresde.train"
 
 _AMP_CHOICES = ("off", "bf16", "fp16", "auto")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -124,52 +136,33 @@ class TrainOptions:
     patience: int = 0
 
     def __post_init__(self):
-        _int(self, "n_steps", 0)
-        _int(self, "batch_size", 1)
-        _num(self, "lr", lambda v: v > 0, "a finite number > 0")
-        _num(self, "beta1", lambda v: 0 <= v < 1, "a number in [0, 1)")
-        _num(self, "beta2", lambda v: 0 <= v < 1, "a number in [0, 1)")
-        _num(self, "adam_eps", lambda v: v > 0, "a finite number > 0")
-        _num(self, "weight_decay", lambda v: v >= 0, "a finite number >= 0")
-        _int(self, "warmup", 0)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
-        _num(self, "lr_final_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")
-        if self.grad_clip is not None:
-            _num(self, "grad_clip", lambda v: v > 0, "a finite number > 0 or None")
-        _num(self, "ema_rate", lambda v: 0 <= v < 1, "a number in [0, 1)")
-        if not isinstance(self.ema_warmup, bool):
-            raise ValueError(f"ema_warmup must be a bool; got {self.ema_warmup!r}")
-        if self.amp not in _AMP_CHOICES:
-            raise ValueError(f"amp must be one of {_AMP_CHOICES}; got {self.amp!r}")
-        _int(self, "seed", 0)
-        _int(self, "log_every", 1)
-        _int(self, "eval_every", 0)
-        _int(self, "checkpoint_every", 0)
+        self.n_steps = check_int("n_steps", self.n_steps, 0)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.lr = check_positive("lr", self.lr)
+        self.beta1 = check_in_range("beta1", self.beta1, 0, 1, high_closed=False)
+        self.beta2 = check_in_range("beta2", self.beta2, 0, 1, high_closed=False)
+        self.adam_eps = check_positive("adam_eps", self.adam_eps)
+        self.weight_decay = check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        self.warmup = check_int("warmup", self.warmup, 0)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        self.lr_final_ratio = check_in_range("lr_final_ratio", self.lr_final_ratio, 0, 1)
+        self.grad_clip = check_positive("grad_clip", self.grad_clip, optional=True)
+        self.ema_rate = check_in_range("ema_rate", self.ema_rate, 0, 1, high_closed=False)
+        check_bool("ema_warmup", self.ema_warmup)
+        check_choice("amp", self.amp, _AMP_CHOICES)
+        self.seed = check_int("seed", self.seed, 0)
+        self.log_every = check_int("log_every", self.log_every, 1)
+        self.eval_every = check_int("eval_every", self.eval_every, 0)
+        self.checkpoint_every = check_int("checkpoint_every", self.checkpoint_every, 0)
         if self.select_metric is not None and not (isinstance(self.select_metric, str) and self.select_metric):
             raise ValueError(f"select_metric must be a non-empty string or None; got {self.select_metric!r}")
-        if self.select_mode not in ("min", "max"):
-            raise ValueError(f"select_mode must be 'min' or 'max'; got {self.select_mode!r}")
-        _int(self, "patience", 0)
+        check_choice("select_mode", self.select_mode, ("min", "max"))
+        self.patience = check_int("patience", self.patience, 0)
         if self.patience > 0 and (self.select_metric is None or self.eval_every == 0):
             raise ValueError("patience > 0 needs select_metric and eval_every > 0 (early stopping watches an evaluated metric)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _int(opts, name, lo):
-    v = getattr(opts, name)
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}; got {v!r}")
-    setattr(opts, name, int(v))
-
-
-def _num(opts, name, ok, allowed):
-    v = getattr(opts, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v) or not ok(v):
-        raise ValueError(f"{name} must be {allowed}; got {v!r}")
-    setattr(opts, name, float(v))
 
 
 @dataclass
@@ -225,9 +218,23 @@ def scheduled_lr(step: int, base_lr: float, warmup: int, n_steps: int, schedule:
     return lr * (final_ratio + (1.0 - final_ratio) * shape)
 
 
-def derive_seed(seed: int, rank: int, stream: int) -> int:
-    """A well-mixed 63-bit seed for generator ``stream`` of ``rank`` (numpy ``SeedSequence``)."""
-    return int(np.random.SeedSequence([int(seed), int(rank), int(stream)]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+def derive_seed(*keys: int, bits: int = 63) -> int:
+    """A well-mixed ``bits``-bit seed for the stream named by the integers ``keys`` (numpy ``SeedSequence``).
+
+    ``derive_seed(seed, rank, stream)`` seeds generator ``stream`` of ``rank`` in ``train`` (63 bits: the top
+    63 bits of the first 64-bit word of ``SeedSequence(keys)``); ``bits=32`` gives the first 32-bit word
+    ``SeedSequence(keys).generate_state(1, dtype=np.uint32)[0]``. In general: the first word of 32 bits
+    (``bits <= 32``) or 64 bits (``bits > 32``), shifted right to keep its top ``bits`` bits.
+    """
+    if not keys:
+        raise ValueError("derive_seed needs at least one key")
+    keys = tuple(check_int(f"keys[{i}]", k, 0) for i, k in enumerate(keys))
+    bits = check_int("bits", bits, 1)
+    if bits > 64:
+        raise ValueError(f"bits must be an integer in [1, 64]; got {bits!r}")
+    word = 32 if bits <= 32 else 64
+    state = np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint32 if word == 32 else np.uint64)[0]
+    return int(state) >> (word - bits)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -357,6 +364,7 @@ def train(
     eval_fn: Optional[EvalFn] = None,
     resume: bool = True,
     progress: bool = True,
+    callback: Optional[Callback] = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``options.n_steps`` steps (see the module docstring for the update).
 
@@ -374,6 +382,9 @@ def train(
             and at the last step under a forked RNG (it cannot change the training trajectory).
         resume: continue from ``workdir/checkpoint.pt`` if it exists (same run-defining options required).
         progress: show a tqdm bar with the loss and steps/s (rank 0).
+        callback: ``callback(record)``, called on rank 0 with a copy of each record written to ``metrics.jsonl``
+            (the module docstring lists the keys), under a forked RNG like ``eval_fn``; e.g. a TensorBoard
+            ``SummaryWriter.add_scalar`` per key. Other ranks never call it.
 
     Returns:
         ``TrainResult``.
@@ -393,6 +404,8 @@ def train(
         raise TypeError("prepare must be callable as prepare(batch, generator)")
     if eval_fn is not None and not callable(eval_fn):
         raise TypeError("eval_fn must be callable as eval_fn(ema_model, step)")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable as callback(record)")
     if options.select_metric is not None and eval_fn is None:
         raise ValueError("options.select_metric is set but no eval_fn was given")
 
@@ -419,14 +432,14 @@ def train(
         device = _model_device(model)
     try:
         return _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_path, prepare, eval_fn,
-                      resume, progress, device, world_size, rank, distributed)
+                      resume, progress, callback, device, world_size, rank, distributed)
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
 def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_path, prepare, eval_fn, resume, progress,
-           device, world_size, rank, distributed) -> TrainResult:
+           callback, device, world_size, rank, distributed) -> TrainResult:
     amp = resolve_amp(options.amp, device)
     local_batch = options.batch_size // world_size
     is_main = rank == 0
@@ -495,6 +508,18 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
         del ckpt
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
+        logger.info("%s in %s at step %d of %d (world size %d, device %s, amp %s)",
+                    "resuming" if resumed else "training", workdir, step, options.n_steps, world_size, device, amp)
+
+    def report(record: dict) -> None:
+        """Rank 0: append ``record`` to metrics.jsonl, log it, hand a copy to the callback."""
+        if not is_main:
+            return
+        _append_jsonl(log_path, record)
+        logger.info("%s", json.dumps(record))
+        if callback is not None:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                callback(copy.deepcopy(record))
 
     def checkpoint():
         states = _rng_state(index_gen, noise_gen, sampler, device)
@@ -510,6 +535,7 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
                 "options": options.to_dict(), "amp": amp, "world_size": world_size, "rank_states": gathered,
                 "selection": dict(sel), "spec": getattr(model, "spec", None),
             })
+            logger.debug("checkpoint at step %d written to %s", step, ckpt_path)
 
     def evaluate():
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -538,10 +564,12 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
                 sel["bad_evals"] += 1
                 if options.patience and sel["bad_evals"] >= options.patience:
                     sel["stopped_early"] = True
+                    if is_main:
+                        logger.info("early stop at step %d: %s has not improved in %d evaluations (best %s at step %s)",
+                                    step, options.select_metric, sel["bad_evals"], sel["best_value"], sel["best_step"])
             record.update(best_value=sel["best_value"], best_step=sel["best_step"])
-        if is_main:
-            _append_jsonl(log_path, record)
         history.append(record)
+        report(record)
 
     history: list = []
     bar = tqdm(total=options.n_steps, initial=step, disable=not (progress and is_main), dynamic_ncols=True, desc="train")
@@ -601,8 +629,7 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
                 if scaler is not None:
                     rec["loss_scale"] = float(scaler.get_scale())
                 history.append(rec)
-                if is_main:
-                    _append_jsonl(log_path, rec)
+                report(rec)
                 bar.set_postfix(loss=f"{last_loss:.4g}", steps_s=f"{rec['steps_per_s']:.1f}")
                 loss_sum.zero_(); gn_max.zero_()
                 window, t_window = 0, time.perf_counter()
@@ -614,6 +641,9 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
             checkpoint()
     finally:
         bar.close()
+    if is_main:
+        logger.info("finished at step %d: loss %.6g%s", step, last_loss,
+                    "" if sel["best_step"] is None else f", best {options.select_metric} {sel['best_value']:.6g} at step {sel['best_step']}")
     return TrainResult(
         step=step, loss=last_loss, best_step=sel["best_step"], best_value=sel["best_value"],
         stopped_early=bool(sel["stopped_early"]), history=history, ema=ema, workdir=workdir,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,7 +16,8 @@ import scoresde.checkpoint as ckpt_mod
 from scoresde.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from scoresde.data.transforms import uniform_dequantize
 from scoresde.ema import EMA, ema_decay
-from scoresde.train import CHECKPOINT_NAME, BEST_NAME, METRICS_NAME, TrainOptions, resolve_amp, scheduled_lr, train, warmup_lr
+from scoresde.train import (CHECKPOINT_NAME, BEST_NAME, METRICS_NAME, TrainOptions, derive_seed, resolve_amp,
+                            scheduled_lr, train, warmup_lr)
 
 DT = torch.float64
 
@@ -86,6 +89,35 @@ def assert_same_state(a: dict, b: dict, where=""):
 def test_options_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainOptions(**{field: value})
+
+
+def test_options_messages_keep_their_form_and_accept_numpy_scalars():
+    with pytest.raises(ValueError, match=r"^beta1 must be a number in \[0, 1\); got 1.0$"):
+        TrainOptions(beta1=1.0)
+    with pytest.raises(ValueError, match=r"^grad_clip must be a finite number > 0 or None; got 0.0$"):
+        TrainOptions(grad_clip=0.0)
+    with pytest.raises(ValueError, match=r"^warmup must be an integer >= 0; got 2.5$"):
+        TrainOptions(warmup=2.5)
+    with pytest.raises(ValueError, match="ema_warmup must be a bool"):
+        TrainOptions(ema_warmup=1)
+    o = TrainOptions(n_steps=np.int64(7), lr=np.float32(0.5), grad_clip=None, ema_rate=np.float64(0.5))
+    assert (o.n_steps, o.lr, o.grad_clip, o.ema_rate) == (7, 0.5, None, 0.5)
+    assert type(o.n_steps) is int and type(o.lr) is float
+
+
+def test_derive_seed_keeps_the_63_bit_values_and_gives_the_32_bit_stream_seed():
+    for keys in [(0, 0, 0), (1, 2, 3), (123456789, 7, 2), (2**40, 0, 1)]:
+        ss = np.random.SeedSequence(list(keys))
+        assert derive_seed(*keys) == int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+        assert derive_seed(*keys, bits=32) == int(ss.generate_state(1, dtype=np.uint32)[0])
+    assert derive_seed(0, 0, 0) == 7896617691693857887  # the index generator's seed of every seed-0 run so far
+    assert derive_seed(5, 1, bits=32) == int(np.random.SeedSequence([5, 1]).generate_state(1, dtype=np.uint32)[0])
+    assert 0 <= derive_seed(9, bits=8) < 256
+    for bad in [dict(), dict(bits=0), dict(bits=65)]:
+        with pytest.raises(ValueError):
+            derive_seed(*([] if not bad else [1]), **bad)
+    with pytest.raises(ValueError, match="keys"):
+        derive_seed(1, -1)
 
 
 def test_options_patience_needs_a_metric():
@@ -365,3 +397,36 @@ def test_prepare_gets_the_noise_generator_and_training_reduces_the_loss(tmp_path
     assert losses[-1] < 0.9 * losses[0]
     recs = [json.loads(l) for l in (tmp_path / METRICS_NAME).read_text().splitlines()]
     assert [r["step"] for r in recs] == [50, 100, 150, 200] and all(r["steps_per_s"] > 0 for r in recs)
+
+
+def test_callback_gets_every_metrics_record_and_cannot_change_training(tmp_path, caplog):
+    seen = []
+
+    def callback(rec):
+        torch.randn(3)  # consuming the global RNG (dropout's) here must not change training
+        rec["step"] = -1  # nor may mutating the record change what train keeps
+        seen.append(json.loads(json.dumps(rec)))
+
+    o = opts(n_steps=12, eval_every=4, select_metric="v")
+    with caplog.at_level(logging.INFO, logger="scoresde.train"):
+        res = train(make_model(), denoise_loss, make_data(), o, tmp_path / "cb", eval_fn=lambda m, s: {"v": 1.0 / s},
+                    progress=False, callback=callback)
+    lines = [json.loads(l) for l in (tmp_path / "cb" / METRICS_NAME).read_text().splitlines()]
+    assert len(seen) == len(lines) == len(res.history) == 12 // 2 + 12 // 4
+    assert [r["step"] for r in res.history] == [r["step"] for r in lines]
+    assert all(r["step"] == -1 for r in seen)
+    for a, b in zip(seen, lines):
+        assert {k: v for k, v in a.items() if k != "step"} == {k: v for k, v in b.items() if k != "step"}
+    assert {"loss", "lr", "steps_per_s", "ema_decay", "grad_norm_max"} <= set(lines[0])
+    assert lines[2]["eval"] == {"v": 0.25} and lines[2]["best_step"] == 4
+    # the records also go to the "scoresde.train" logger, with the start and the end of the run
+    msgs = [r.getMessage() for r in caplog.records if r.name == "scoresde.train"]
+    assert msgs[0].startswith("training in") and msgs[-1].startswith("finished at step 12")
+    assert sum(m.startswith('{"step"') for m in msgs) == len(lines)
+    # same trajectory as a run without the callback
+    plain = make_model()
+    train(plain, denoise_loss, make_data(), opts(n_steps=12), tmp_path / "plain", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                 load_checkpoint(tmp_path / "cb" / CHECKPOINT_NAME)["model"].values()))
+    with pytest.raises(TypeError, match="callback"):
+        train(make_model(), denoise_loss, make_data(), opts(), tmp_path / "bad", progress=False, callback=42)
