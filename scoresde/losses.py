@@ -18,6 +18,7 @@ returns the per-sample losses ``(B,)``.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -84,6 +85,11 @@ def _randint(high, n, generator, like):
     return torch.randint(0, high, (n,), generator=generator, device=_gen_device(generator, like)).to(like.device)
 
 
+def _check_z(z, x0):
+    if z.shape != x0.shape:
+        raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
+
+
 def _reduce(sq: torch.Tensor, reduce: str) -> torch.Tensor:
     """Mean or sum of ``sq`` ``(B, ...)`` over the non-batch dimensions -> ``(B,)``."""
     flat = sq.reshape(sq.shape[0], -1)
@@ -101,8 +107,12 @@ def dsm_per_sample(
     _check_model(model, continuous=True)
     check_choice("weighting", weighting, WEIGHTINGS)
     check_choice("reduce", reduce, REDUCES)
-    if z.shape != x0.shape:
-        raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
+    _check_z(z, x0)
+    return _dsm_per_sample(model, x0, t, z, weighting, reduce)
+
+
+def _dsm_per_sample(model, x0, t, z, weighting, reduce):
+    """``dsm_per_sample`` without the argument checks (its callers have made them)."""
     sde = model.sde
     m, s = sde.marginal_coef(t)
     x_t = batch_broadcast(m, x0) * x0 + batch_broadcast(s, x0) * z
@@ -144,14 +154,19 @@ def sample_importance_t(
     ``q(t) = (C_{k+1} - C_k) / ((u_{k+1} - u_k) t)``, so ``E_q[h(t) / q(t)] = int_eps^T h(t) dt`` exactly.
     Results are on ``like``'s device and dtype (float64 CPU if ``like`` is None).
     """
+    return _draw_importance_t(likelihood_importance_proposal(sde, eps), sde.T, n, generator, eps, like)
+
+
+def _draw_importance_t(proposal, T, n, generator, eps, like):
+    """``sample_importance_t`` from a tabulated ``proposal = (u_grid, cdf)`` (no checks)."""
     like = torch.zeros((), dtype=torch.float64) if like is None else like
-    u_grid, cdf = likelihood_importance_proposal(sde, eps)
+    u_grid, cdf = proposal
     U = _rand(n, generator, like).to(device="cpu", dtype=torch.float64)
     k = torch.searchsorted(cdf, U, right=True).clamp(1, len(cdf) - 1) - 1
     dC = cdf[k + 1] - cdf[k]
     du = u_grid[k + 1] - u_grid[k]
     u = u_grid[k] + (U - cdf[k]) / dC * du
-    t = torch.exp(u).clamp(eps, sde.T)
+    t = torch.exp(u).clamp(eps, T)
     q = dC / du / t
     return t.to(device=like.device, dtype=like.dtype), q.to(device=like.device, dtype=like.dtype)
 
@@ -186,15 +201,22 @@ def dsm_loss(
     _check_model(model, continuous=True)
     _check_x0(x0)
     _check_dsm_options(weighting, reduce, importance_sampling)
+    eps = _check_eps(eps, model.sde.T)
+    return _dsm_loss(model, x0, generator, eps, weighting, importance_sampling, reduce)
+
+
+def _dsm_loss(model, x0, generator, eps, weighting, importance_sampling, reduce, proposal=None):
+    """``dsm_loss`` without the option checks: the per-step body of ``get_loss_fn``'s continuous loss, which passes
+    the importance-sampling ``proposal`` table it computed once (otherwise it is tabulated here, per call)."""
     sde = model.sde
-    eps = _check_eps(eps, sde.T)
     B = x0.shape[0]
     if importance_sampling:
-        t, q = sample_importance_t(sde, B, generator, eps, like=x0)
+        proposal = likelihood_importance_proposal(sde, eps) if proposal is None else proposal
+        t, q = _draw_importance_t(proposal, sde.T, B, generator, eps, x0)
     else:
         t = eps + (sde.T - eps) * _rand(B, generator, x0)
     z = _randn(x0.shape, generator, x0)
-    per = dsm_per_sample(model, x0, t, z, weighting, reduce)
+    per = _dsm_per_sample(model, x0, t, z, weighting, reduce)
     if importance_sampling:
         per = per / ((sde.T - eps) * q)
     return per.mean()
@@ -209,19 +231,27 @@ def ddpm_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: tor
     """
     _check_model(model, need=VPSDE)
     check_choice("reduce", reduce, REDUCES)
-    if z.shape != x0.shape:
-        raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
+    _check_z(z, x0)
+    return _ddpm_per_sample(model, x0, i, z, reduce)
+
+
+def _ddpm_per_sample(model, x0, i, z, reduce):
+    """``ddpm_per_sample`` without the argument checks."""
     ab = model.sde.alphas_cumprod.to(x0.device)[i].to(x0.dtype)
     x_i = batch_broadcast(torch.sqrt(ab), x0) * x0 + batch_broadcast(torch.sqrt(1.0 - ab), x0) * z
     return _reduce((model.ddpm_eps_fn()(x_i, i) - z) ** 2, reduce)
 
 
-def _discrete_loss(per_sample, need, model, x0, generator, reduce) -> torch.Tensor:
-    """Batch mean of ``per_sample(model, x0, i, z, reduce)`` with ``i ~ U{0..N-1}`` ``(B,)`` drawn first, then
-    ``z ~ N(0, I)`` like ``x0``: the shared body of ``ddpm_loss`` and ``smld_loss``."""
+def _check_discrete(need, model, x0, reduce) -> None:
+    """The checks of ``ddpm_loss`` / ``smld_loss``."""
     _check_model(model, need=need)
     _check_x0(x0)
     check_choice("reduce", reduce, REDUCES)
+
+
+def _discrete_loss(per_sample, model, x0, generator, reduce) -> torch.Tensor:
+    """Batch mean of ``per_sample(model, x0, i, z, reduce)`` with ``i ~ U{0..N-1}`` ``(B,)`` drawn first, then
+    ``z ~ N(0, I)`` like ``x0``: the shared body of ``ddpm_loss`` and ``smld_loss`` (no checks: callers make them)."""
     i = _randint(model.sde.N, x0.shape[0], generator, x0)
     z = _randn(x0.shape, generator, x0)
     return per_sample(model, x0, i, z, reduce).mean()
@@ -232,7 +262,8 @@ def ddpm_loss(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | 
 
     Draws, in order: ``i ~ U{0, ..., N-1}`` ``(B,)`` then ``z ~ N(0, I)`` shaped like ``x0`` ``(B, ...)``.
     """
-    return _discrete_loss(ddpm_per_sample, VPSDE, model, x0, generator, reduce)
+    _check_discrete(VPSDE, model, x0, reduce)
+    return _discrete_loss(_ddpm_per_sample, model, x0, generator, reduce)
 
 
 def smld_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
@@ -244,8 +275,12 @@ def smld_per_sample(model: ScoreModel, x0: torch.Tensor, i: torch.Tensor, z: tor
     """
     _check_model(model, need=VESDE)
     check_choice("reduce", reduce, REDUCES)
-    if z.shape != x0.shape:
-        raise ValueError(f"z must have the shape of x0 {tuple(x0.shape)}; got {tuple(z.shape)}")
+    _check_z(z, x0)
+    return _smld_per_sample(model, x0, i, z, reduce)
+
+
+def _smld_per_sample(model, x0, i, z, reduce):
+    """``smld_per_sample`` without the argument checks."""
     sde = model.sde
     sigma = sde.discrete_sigmas.to(x0.device)[i].to(x0.dtype)
     x = x0 + batch_broadcast(sigma, x0) * z
@@ -259,7 +294,8 @@ def smld_loss(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | 
 
     Draws, in order: ``i ~ U{0, ..., N-1}`` ``(B,)`` then ``z ~ N(0, I)`` shaped like ``x0``. Scalar.
     """
-    return _discrete_loss(smld_per_sample, VESDE, model, x0, generator, reduce)
+    _check_discrete(VESDE, model, x0, reduce)
+    return _discrete_loss(_smld_per_sample, model, x0, generator, reduce)
 
 
 # --- factory -----------------------------------------------------------------------------------
@@ -272,8 +308,10 @@ def get_loss_fn(
     eps: float = 1e-5,
 ) -> LossFn:
     """``loss_fn(model, x0, generator=None) -> scalar``: ``dsm_loss`` if ``continuous``, else ``ddpm_loss``
-    (VPSDE) or ``smld_loss`` (VESDE). All arguments are validated here, before any training starts;
-    the returned function checks that ``model.sde`` is (a copy of) ``sde``.
+    (VPSDE) or ``smld_loss`` (VESDE). All options are validated here, once, before any training starts; each
+    call of the returned function checks ``x0`` and, the first time it sees a model, that the model fits (a
+    ``ScoreModel`` whose ``sde`` is (a copy of) ``sde``) and then runs the loss's body without re-checking the
+    options (same numbers as ``dsm_loss`` / ``ddpm_loss`` / ``smld_loss`` with these options).
     """
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be a scoresde.sde.SDE; got {type(sde).__name__}")
@@ -287,27 +325,30 @@ def get_loss_fn(
         if weighting != "default" or importance_sampling:
             raise ValueError("weighting and importance_sampling apply to the continuous loss only (continuous=True)")
 
-    def check(model):
-        _check_model(model)
-        if model.sde is not sde and repr(model.sde) != repr(sde):
-            raise ValueError(f"model.sde {model.sde!r} differs from the loss's sde {sde!r}")
+    checked = weakref.WeakSet()  # models already found to fit: the per-step cost is one set lookup
+
+    def check(model, x0):
+        if model not in checked:
+            _check_model(model, need=None if continuous else (VPSDE if isinstance(sde, VPSDE) else VESDE),
+                         continuous=True if continuous else None)
+            if model.sde is not sde and repr(model.sde) != repr(sde):
+                raise ValueError(f"model.sde {model.sde!r} differs from the loss's sde {sde!r}")
+            checked.add(model)
+        _check_x0(x0)
 
     if continuous:
+        # the tabulated proposal of t depends only on (sde, eps): computed once, not per step (same numbers)
+        proposal = likelihood_importance_proposal(sde, eps) if importance_sampling else None
 
         def loss_fn(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-            check(model)
-            return dsm_loss(model, x0, generator, eps, weighting, importance_sampling, reduce)
-
-    elif isinstance(sde, VPSDE):
-
-        def loss_fn(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-            check(model)
-            return ddpm_loss(model, x0, generator, reduce)
+            check(model, x0)
+            return _dsm_loss(model, x0, generator, eps, weighting, importance_sampling, reduce, proposal)
 
     else:
+        per_sample = _ddpm_per_sample if isinstance(sde, VPSDE) else _smld_per_sample
 
         def loss_fn(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-            check(model)
-            return smld_loss(model, x0, generator, reduce)
+            check(model, x0)
+            return _discrete_loss(per_sample, model, x0, generator, reduce)
 
     return loss_fn

@@ -283,3 +283,42 @@ def test_validation():
         get_loss_fn(VPSDE(), continuous=False, weighting="likelihood")
     with pytest.raises(ValueError, match="differs"):
         get_loss_fn(VPSDE(beta_max=10.0))(vp, x0)
+
+
+def test_get_loss_fn_checks_options_once_not_per_step(monkeypatch):
+    """The options are validated by get_loss_fn; its loss_fn re-checks only x0 (and a model the first time it sees it)."""
+    import scoresde.losses as L
+
+    x0 = torch.randn(8, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    cases = [
+        (dict(weighting="likelihood", importance_sampling=True, reduce="sum", eps=1e-3), VPSDE(), {},
+         lambda m, g: dsm_loss(m, x0, g, 1e-3, "likelihood", True, "sum")),
+        (dict(continuous=False), VPSDE(), dict(continuous=False), lambda m, g: ddpm_loss(m, x0, g)),
+        (dict(continuous=False, reduce="sum"), VESDE(), dict(continuous=False), lambda m, g: smld_loss(m, x0, g, "sum")),
+    ]
+    for kw, sde, mkw, public in cases:
+        model = ScoreModel(AffineNet(), sde, "eps" if isinstance(sde, VPSDE) else "sigma_scaled", **mkw)
+        f = get_loss_fn(sde, **kw)
+        expected = [public(model, torch.Generator().manual_seed(s)) for s in range(3)]
+        calls = []
+        for name in ("_check_dsm_options", "check_choice", "_check_eps", "_check_model", "likelihood_importance_proposal"):
+            def counted(*a, _n=name, _f=getattr(L, name), **k):
+                calls.append(_n)
+                return _f(*a, **k)
+            monkeypatch.setattr(L, name, counted)
+        got = [f(model, x0, torch.Generator().manual_seed(s)) for s in range(3)]
+        monkeypatch.undo()
+        assert calls == ["_check_model"]  # the first call only
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))  # bit-identical to the public losses
+    # the returned function still rejects a wrong model or x0 on any call
+    f = get_loss_fn(VPSDE(), continuous=False)
+    with pytest.raises(TypeError, match="ScoreModel"):
+        f(AffineNet(), x0)
+    with pytest.raises(TypeError, match="VPSDE"):
+        get_loss_fn(VESDE(), continuous=False)(ScoreModel(AffineNet(), VPSDE(), "eps", continuous=False), x0)
+    with pytest.raises(ValueError, match="continuous=True"):
+        get_loss_fn(VPSDE())(ScoreModel(AffineNet(), VPSDE(), "eps", continuous=False), x0)
+    vp = ScoreModel(AffineNet(), VPSDE(), "eps", continuous=False)
+    f(vp, x0)
+    with pytest.raises(ValueError, match="x0"):
+        f(vp, x0.long())
