@@ -25,8 +25,12 @@ Runs can be split over processes and collated::
     OMP_NUM_THREADS=1 python experiments/digits_models.py --models subvp ve --out /tmp/b
     python experiments/digits_models.py --collate /tmp/a.json /tmp/b.json --out experiments/results/digits_models
 
-``--ckpt-root DIR`` copies each selected (best-by-val EMA) checkpoint to ``DIR/<model>/best.pt`` with
-a ``model.json`` holding the build arguments; ``load_trained(DIR/<model>)`` rebuilds the ``ScoreModel``.
+Models are built from ``scoresde.build`` specs (``spec_for`` -> ``model_spec``, then ``build_model``; the
+MLP is built on the flattened per-sample shape ``(64,)`` with the run's ``--seed`` as its init seed), so every
+training checkpoint carries its spec. ``--ckpt-root DIR`` copies each selected (best-by-val EMA) checkpoint to
+``DIR/<model>/best.pt``, with ``metrics.json`` beside it (best step, val and test bits/dim);
+``scoresde.build.load(DIR/<model>/best.pt)`` rebuilds ``(model, sde)`` from the checkpoint alone, and
+``--reevaluate`` reloads the models that way.
 """
 
 from __future__ import annotations
@@ -47,13 +51,12 @@ import numpy as np
 import torch
 
 from scoresde.baselines import dequantize_unit, fit_gmm_baseline, gmm_bits_per_dim
-from scoresde.checkpoint import load_model_weights
+from scoresde.build import build_model, load, model_spec
 from scoresde.data import load_dataset
 from scoresde.data.transforms import noise_mixture, uniform_dequantize
 from scoresde.likelihood import evaluate_bpd, evaluate_elbo
 from scoresde.losses import get_loss_fn
-from scoresde.model import ScoreModel
-from scoresde.nets import MLPScoreNet
+from scoresde.runs import DataOptions, _data_entry
 from scoresde.sde import VESDE, VPSDE, SubVPSDE
 from scoresde.train import TrainOptions, train
 
@@ -63,16 +66,17 @@ N_TEST = 300
 REG_COVARS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 3e-2)
 
 
-def build(kind: str, hidden: int, depth: int, dropout: float, sigma_max: float, seed: int, time_embedding: str = "fourier",
-          fourier_scale: float = 16.0, weighting: str = "default", parameterization: str = "eps"):
-    """``(ScoreModel, loss_fn, sde)`` for one of ``MODELS``.
+def spec_for(kind: str, hidden: int, depth: int, dropout: float, sigma_max: float, seed: int, time_embedding: str = "fourier",
+             fourier_scale: float = 16.0, parameterization: str = "eps", data: dict | None = None) -> dict:
+    """The ``scoresde.build`` model spec of one of ``MODELS`` (``build_model(spec)`` builds it; ``seed``: the init seed).
 
     DDPM conditions on the step index ``i`` (sinusoidal embedding, as Ho et al.); the continuous models on
     ``999 t`` (VP, sub-VP) or ``sigma(t)`` (VE) through ``time_embedding`` (Fourier features of the log of
-    the network time with ``fourier_scale``, or sinusoidal). ``weighting`` applies to VP / sub-VP only:
-    ``"likelihood"`` uses ``lambda = g^2`` with importance sampling of ``t``. ``parameterization`` applies to the
-    continuous models (``"eps"``: score ``= -net / s``; ``"score"``: score ``= net``, so the score stays bounded as
-    ``s -> 0`` and the ε-loss becomes ``|| -s net - z ||^2``); DDPM is always ε.
+    the network time with ``fourier_scale``, or sinusoidal). ``parameterization`` applies to the continuous
+    models (``"eps"``: score ``= -net / s``; ``"score"``: score ``= net``, so the score stays bounded as
+    ``s -> 0`` and the ε-loss becomes ``|| -s net - z ||^2``); DDPM is always ε. The network is an
+    ``MLPScoreNet`` on the flattened digits (per-sample shape ``(64,)``). ``data``: the spec's data entry
+    (``scoresde.runs._data_entry``; default: the digits, centred, ``LEVELS`` levels).
     """
     if kind not in MODELS:
         raise ValueError(f"kind must be one of {MODELS}; got {kind!r}")
@@ -82,22 +86,23 @@ def build(kind: str, hidden: int, depth: int, dropout: float, sigma_max: float, 
         sde = SubVPSDE()
     else:
         sde = VESDE(sigma_min=0.01, sigma_max=sigma_max)
-    continuous = kind != "ddpm"
     emb = "sinusoidal" if kind == "ddpm" else time_embedding
-    net = MLPScoreNet(64, hidden=hidden, depth=depth, time_embedding=emb, fourier_scale=fourier_scale, dropout=dropout, seed=seed)
-    model = ScoreModel(net, sde, parameterization="eps" if kind == "ddpm" else parameterization, continuous=continuous)
+    net_kwargs = dict(hidden=hidden, depth=depth, time_embedding=emb, fourier_scale=fourier_scale, dropout=dropout)
+    if data is None:
+        data = _data_entry(DataOptions(name="digits", centered=True), LEVELS)
+    return model_spec(sde, "mlp", net_kwargs, (64,), parameterization="eps" if kind == "ddpm" else parameterization,
+                      continuous=kind != "ddpm", data=data, seed=seed)
+
+
+def loss_for(kind: str, sde, weighting: str = "default"):
+    """The training loss of one of ``MODELS`` (``get_loss_fn``): DDPM its discrete loss, the others continuous DSM.
+
+    ``weighting`` applies to VP / sub-VP only: ``"likelihood"`` uses ``lambda = g^2`` with importance sampling of ``t``.
+    """
+    if kind not in MODELS:
+        raise ValueError(f"kind must be one of {MODELS}; got {kind!r}")
     lw = weighting == "likelihood" and kind in ("vp", "subvp")
-    loss = get_loss_fn(sde, continuous=continuous, weighting="likelihood" if lw else "default", importance_sampling=lw)
-    return model, loss, sde
-
-
-def load_trained(directory) -> ScoreModel:
-    """Rebuild the ``ScoreModel`` saved by ``--ckpt-root`` in ``directory`` (``model.json`` + ``best.pt``, EMA weights), in eval mode."""
-    directory = Path(directory)
-    spec = json.loads((directory / "model.json").read_text())
-    model, _, _ = build(**spec["build"])
-    load_model_weights(model, directory / "best.pt", which="ema")
-    return model.eval()
+    return get_loss_fn(sde, continuous=kind != "ddpm", weighting="likelihood" if lw else "default", importance_sampling=lw)
 
 
 def bpd(model, sde, k, probes, seed, rtol, eps=1e-5):
@@ -111,10 +116,14 @@ def bpd(model, sde, k, probes, seed, rtol, eps=1e-5):
 
 
 def run_model(kind, a, tr, va, te, root: Path) -> dict:
-    spec = dict(kind=kind, hidden=a.hidden, depth=a.depth, dropout=a.dropout, sigma_max=a.sigma_max, seed=a.seed,
-                time_embedding=a.time_embedding, fourier_scale=a.fourier_scale, weighting=a.weighting,
-                parameterization=a.parameterization)
-    model, loss_fn, sde = build(**spec)
+    data = _data_entry(DataOptions(name="digits", centered=True, noise_mixture_prob=a.aug_prob,
+                                   noise_mixture_std_min=a.aug_std_min, noise_mixture_std_max=a.aug_std_max), LEVELS)
+    spec = spec_for(kind, hidden=a.hidden, depth=a.depth, dropout=a.dropout, sigma_max=a.sigma_max, seed=a.seed,
+                    time_embedding=a.time_embedding, fourier_scale=a.fourier_scale, parameterization=a.parameterization,
+                    data=data)
+    model = build_model(spec)  # model.spec: train() stores it in checkpoint.pt and best.pt
+    sde = model.sde
+    loss_fn = loss_for(kind, sde, a.weighting)
     eval_cpu = [0.0]
     # Training time survives a stop/resume: the cumulative (wall, CPU) seconds are logged at every evaluation
     # (= checkpoint) and a resumed run starts from the entry of the step it resumes at.
@@ -154,8 +163,7 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
     t_train = offset["wall"] + time.time() - t0
     c_train = offset["cpu"] + time.process_time() - c0_train
     eval_cpu[0] += offset["val_eval_cpu"]
-    load_model_weights(model, res.best_path, which="ema")
-    model.eval()
+    model, sde = load(res.best_path)  # the selected EMA weights, rebuilt from the checkpoint's spec (eval mode)
     t0 = time.time()
     r = bpd(model, sde, te, a.test_probes, 4321, a.rtol)
     out = {
@@ -180,9 +188,9 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
     if a.ckpt_root:
         dest = Path(a.ckpt_root) / kind
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(res.best_path, dest / "best.pt")
-        (dest / "model.json").write_text(json.dumps({"build": spec, "best_step": res.best_step, "val_bpd": res.best_value,
-                                                     "test_bpd": r.mean, "test_se": r.stderr}, indent=1))
+        shutil.copyfile(res.best_path, dest / "best.pt")  # carries its spec: scoresde.build.load(dest / "best.pt")
+        (dest / "metrics.json").write_text(json.dumps({"best_step": res.best_step, "val_bpd": res.best_value,
+                                                       "test_bpd": r.mean, "test_se": r.stderr}, indent=1))
         out["ckpt"] = str(dest)
     print(json.dumps(out), flush=True)
     return out
@@ -210,8 +218,7 @@ def reevaluate(row: dict, a, va, te) -> dict:
     numbers at ``eps = 1e-5`` are kept under ``test_*_eps1e-5``.
     """
     kind = row["model"]
-    model = load_trained(Path(a.ckpt_root) / kind)
-    sde = model.sde
+    model, sde = load(Path(a.ckpt_root) / kind / "best.pt")
     grid = [(1e-5, float(sde.marginal_coef(torch.tensor([1e-5], dtype=torch.float64))[1]))]
     grid += [(eps_for_std(sde, sd), sd) for sd in a.eval_stds]
     curve = []
