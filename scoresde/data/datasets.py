@@ -9,16 +9,19 @@ Names and what they give (``DataSet.x``):
 | "digits" | uint8 ``(N, 1, 8, 8)`` in ``[0, 16]`` (scikit-learn, fixed split, see ``digits``) | 17 |
 | "mnist" | uint8 ``(N, 1, 28, 28)`` | 256 |
 | "cifar10" | uint8 ``(N, 3, 32, 32)`` | 256 |
+| "tensor_file" | the user's ``.npy`` / ``.npz`` / ``.pt`` array (``path=...``, see ``tensor_file``) | as declared |
 
 Splits: "train", "val", "test" and "trainval" (train followed by val). Continuous toy sets are
 generated from ``torch.Generator().manual_seed(4 * seed + k)`` with ``k = 0, 1, 2`` for
 train, val, test, so splits never share a stream; default sizes ``TOY_SPLIT_SIZES``. For the image
-sets ``seed`` is unused: their splits are fixed (see ``digits`` and ``archives``).
+sets ``seed`` is unused: their splits are fixed (see ``digits`` and ``archives``); a tensor file's splits are its
+own arrays or carved with its own ``split_seed`` (see ``tensor_file``).
 ``n`` keeps the first ``n`` examples of the split (for toy sets: generates exactly ``n``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -26,15 +29,19 @@ import torch
 
 from . import archives
 from .digits import DIGITS_LEVELS, load_digits_split
+from .tensor_file import load_tensor_file
 from .toy import TOY_GENERATORS, default_gmm
 from .transforms import uniform_dequantize
 from .._validate import check_choice
 
-__all__ = ["DataSet", "load_dataset", "DATASET_NAMES", "SPLITS", "TOY_SPLIT_SIZES"]
+__all__ = ["DataSet", "load_dataset", "DATASET_NAMES", "SPLITS", "TOY_SPLIT_SIZES", "TENSOR_FILE_OPTIONS"]
 
 CONTINUOUS_NAMES = ("swissroll", "moons", "eight_gaussians", "checkerboard", "gmm")
 IMAGE_NAMES = ("digits", "mnist", "cifar10")
-DATASET_NAMES = CONTINUOUS_NAMES + IMAGE_NAMES
+FILE_NAMES = ("tensor_file",)
+DATASET_NAMES = CONTINUOUS_NAMES + IMAGE_NAMES + FILE_NAMES
+# options of load_dataset("tensor_file", ...) beyond path / split / n: load_tensor_file's signature is their schema
+TENSOR_FILE_OPTIONS = tuple(p for p in inspect.signature(load_tensor_file).parameters if p not in ("path", "split", "n"))
 SPLITS = ("train", "val", "test", "trainval")
 TOY_SPLIT_SIZES = {"train": 20000, "val": 2000, "test": 5000}
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
@@ -123,6 +130,8 @@ def load_dataset(
     n: int | None = None,
     seed: int = 0,
     val_size: int | None = None,
+    path=None,
+    **tensor_file_options,
 ) -> DataSet:
     """Load a data set split (see the module table) as a ``DataSet``.
 
@@ -136,9 +145,14 @@ def load_dataset(
         seed: seed of the toy sets' generators (unused for images, whose splits are fixed).
         val_size: CIFAR-10 / MNIST only: images carved off the end of the official training set
             for "val" (default 5000).
+        path: "tensor_file" only: the ``.npy`` / ``.npz`` / ``.pt`` file.
+        **tensor_file_options: "tensor_file" only: ``load_tensor_file``'s ``key``, ``levels``, ``value_range``,
+            ``centered``, ``channels_last``, ``val_fraction``, ``test_fraction``, ``split_seed``
+            (``TENSOR_FILE_OPTIONS``).
 
     Raises:
-        ValueError: unknown ``name``/``split``, bad ``n``/``seed``/``val_size``.
+        ValueError: unknown ``name``/``split``, bad ``n``/``seed``/``val_size``, a tensor file's problems (naming
+            the option; a missing file's error is also a ``FileNotFoundError``).
         FileNotFoundError: an archive is missing and ``download`` is False (the message gives the path).
     """
     check_choice("name", name, DATASET_NAMES)
@@ -149,6 +163,14 @@ def load_dataset(
         raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
     if val_size is not None and name not in ("mnist", "cifar10"):
         raise ValueError(f"val_size applies only to 'mnist' and 'cifar10'; got val_size={val_size!r} for {name!r}")
+    if name != "tensor_file" and (path is not None or tensor_file_options):
+        given = (["path"] if path is not None else []) + sorted(tensor_file_options)
+        raise ValueError(f"{', '.join(given)} apply only to 'tensor_file'; got them for {name!r}")
+    unknown = sorted(set(tensor_file_options) - set(TENSOR_FILE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown tensor_file option(s) {unknown}; allowed: {list(TENSOR_FILE_OPTIONS)}")
+    if name == "tensor_file":
+        return load_tensor_file(path, split, n=n, **tensor_file_options)
 
     if name in CONTINUOUS_NAMES:
         if split == "trainval":
