@@ -210,8 +210,7 @@ def scheduled_lr(step: int, base_lr: float, warmup: int, n_steps: int, schedule:
     lr = warmup_lr(step, base_lr, warmup)
     if schedule == "constant":
         return lr
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"schedule must be one of {LR_SCHEDULES}; got {schedule!r}")
+    check_choice("schedule", schedule, LR_SCHEDULES)
     span = max(n_steps - warmup, 1)
     p = min(max((step - warmup) / span, 0.0), 1.0)
     shape = 0.5 * (1.0 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
@@ -239,8 +238,7 @@ def derive_seed(*keys: int, bits: int = 63) -> int:
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """The precision actually used: "off", "bf16" or "fp16". Raises ``ValueError`` for fp16 off CUDA."""
-    if amp not in _AMP_CHOICES:
-        raise ValueError(f"amp must be one of {_AMP_CHOICES}; got {amp!r}")
+    check_choice("amp", amp, _AMP_CHOICES)
     cuda = device.type == "cuda"
     if amp == "auto":
         if not cuda:
