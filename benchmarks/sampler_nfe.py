@@ -20,11 +20,11 @@ import torch
 
 from scoresde import GaussianMixture, VPSDE
 from scoresde.metrics import median_bandwidth, mmd2_unbiased
-from scoresde.samplers import sample
+from scoresde.samplers import check_sample_options, sample
 
 STEPS = [5, 10, 20, 50, 100, 1000]
-SAMPLERS = [
-    # (label, method, options, max steps)
+FIXED_STEP_CONFIGS = [
+    # (label, method, options, max steps); run at every ``STEPS`` up to max steps
     ("PC reverse-diffusion + Langevin", "pc", {}, 1000),
     ("PC ancestral (DDPM)", "pc", {"predictor": "ancestral", "corrector": "none"}, 1000),
     ("PC Euler-Maruyama", "pc", {"predictor": "euler_maruyama", "corrector": "none"}, 1000),
@@ -41,8 +41,8 @@ SAMPLERS = [
     ("DPM-Solver-3M", "dpm_solver", {"order": 3}, 1000),
     ("Heun (EDM, Karras)", "heun", {}, 1000),
 ]
-ADAPTIVE = [("ODE dopri5 tol=%g" % tol, "ode", {"rtol": tol, "atol": tol}) for tol in (1e-2, 1e-3, 1e-5)]
-ADAPTIVE += [("ODE scipy RK45 tol=1e-5", "ode", {"ode_method": "scipy_rk45"})]
+ADAPTIVE_CONFIGS = [("ODE dopri5 tol=%g" % tol, "ode", {"rtol": tol, "atol": tol}) for tol in (1e-2, 1e-3, 1e-5)]
+ADAPTIVE_CONFIGS += [("ODE scipy RK45 tol=1e-5", "ode", {"ode_method": "scipy_rk45"})]
 
 
 def mixture(D: int) -> GaussianMixture:
@@ -81,14 +81,19 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sde = VPSDE()
+    # every configuration checked by the library's own rules before the first sample is drawn
+    for _, method, opts, _ in FIXED_STEP_CONFIGS:
+        check_sample_options(sde, method, steps=STEPS[0], **opts)
+    for _, method, opts in ADAPTIVE_CONFIGS:
+        check_sample_options(sde, method, **opts)
     rows = []
     for D, n in ((2, 1000), (64, 500)):
         gm = mixture(D)
         data, bw, null_mean, null_sd = noise_floor(gm, n)
         print(f"D={D} n={n}: noise floor (std of data-vs-data MMD^2) = {null_sd:.2e} (mean {null_mean:.1e})")
         sf = gm.score_fn(sde)
-        jobs = [(lab, m, o, s) for lab, m, o, mx in SAMPLERS for s in STEPS if s <= mx and not (args.quick and s > 100)]
-        jobs += [(lab, m, o, None) for lab, m, o in ADAPTIVE]
+        jobs = [(lab, m, o, s) for lab, m, o, mx in FIXED_STEP_CONFIGS for s in STEPS if s <= mx and not (args.quick and s > 100)]
+        jobs += [(lab, m, o, None) for lab, m, o in ADAPTIVE_CONFIGS]
         for lab, method, opts, steps in jobs:
             repeats = 1 if args.quick or (steps or 0) >= 1000 or method == "langevin" else 3
             r, wall = run_one(sf, sde, n, D, method, steps, {"dtype": torch.float32, **opts}, repeats)

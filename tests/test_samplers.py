@@ -7,6 +7,8 @@ Heavy grids (every predictor x corrector, D = 64 PC/Langevin) are marked slow.
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 
 import numpy as np
 import pytest
@@ -14,7 +16,22 @@ import torch
 
 from scoresde import GaussianMixture, SubVPSDE, VESDE, VPSDE
 from scoresde.metrics import median_bandwidth, mmd2_unbiased
-from scoresde.samplers import CORRECTORS, METHOD_OPTIONS, PREDICTORS, CountingScore, check_method_options, sample
+from scoresde.samplers import (
+    CORRECTORS,
+    DEFAULT_DENOISE,
+    DEFAULT_STEPS,
+    METHOD_OPTIONS,
+    PREDICTORS,
+    SAMPLERS,
+    VP_ONLY_METHODS,
+    CountingScore,
+    check_method_options,
+    check_sample_options,
+    option_types,
+    sample,
+    sample_langevin,
+    sample_pc,
+)
 
 F64 = torch.float64
 N_SAMPLES = {2: 1000, 64: 500}
@@ -289,8 +306,8 @@ def test_same_seed_same_numbers():
 
 
 # --- validation -----------------------------------------------------------------------------------
-BAD = [
-    ({"method": "euler"}, "method"),
+# a method's own options, rejected without the SDE (``check_method_options``)
+BAD_METHOD_OPTIONS = [
     ({"predictor": "heun"}, "predictor"),
     ({"corrector": "mala"}, "corrector"),
     ({"predictor": "none", "corrector": "none"}, "predictor and corrector"),
@@ -300,14 +317,21 @@ BAD = [
     ({"snr": -1.0}, "snr"),
     ({"n_steps": 0}, "n_steps"),
     ({"eps": 0.0}, "eps"),
-    ({"eps": 1.5}, "eps"),
+    ({"denoise": 1}, "denoise"),
     ({"method": "dpm_solver", "order": 4}, "order"),
     ({"method": "dpm_solver", "schedule": "cosine"}, "schedule"),
     ({"method": "ddim", "eta": 1.5}, "eta"),
     ({"method": "ode", "ode_method": "rk45"}, "ode_method"),
     ({"method": "ode", "steps": 10}, "steps"),
     ({"method": "ode", "rtol": 0.0}, "rtol"),
+    ({"method": "ode", "trajectory_points": 1}, "trajectory_points"),
     ({"method": "heun", "order": 2}, "unknown option"),
+]
+# rules that need the SDE (``check_sample_options``; the SDE is VPSDE here, T = 1)
+BAD_SDE_OPTIONS = [({"eps": 1.5}, "eps"), ({"method": "pc", "eps": 1.0}, "eps")]
+# the run's own arguments (``sample`` only)
+BAD = BAD_METHOD_OPTIONS + BAD_SDE_OPTIONS + [
+    ({"method": "euler"}, "method"),
     ({"shape": (4,)}, "shape"),
     ({"dtype": torch.int64}, "dtype"),
     ({"x_T": torch.zeros(3, 2)}, "x_T"),
@@ -326,7 +350,7 @@ def test_bad_options_raise_before_any_work(kw, match):
     assert counter.calls == 0
 
 
-METHOD_ONLY_BAD = [kw for kw, _ in BAD if set(kw) - {"method"} and set(kw) - {"method"} <= set(METHOD_OPTIONS[kw.get("method", "pc")])]
+METHOD_ONLY_BAD = [kw for kw, _ in BAD_METHOD_OPTIONS if set(kw) - {"method"} <= set(METHOD_OPTIONS[kw.get("method", "pc")])]
 
 
 @pytest.mark.parametrize("kw", METHOD_ONLY_BAD, ids=[str(k) for k in METHOD_ONLY_BAD])
@@ -337,13 +361,129 @@ def test_check_method_options_is_the_check_sample_runs(kw):
     method = kw.pop("method", "pc")
     with pytest.raises(ValueError) as alone:
         check_method_options(method, kw)
+    with pytest.raises(ValueError) as with_sde:
+        check_sample_options(VPSDE(), method, **kw)
     with pytest.raises(ValueError) as in_sample:
         sample(mixture(2).score_fn(VPSDE()), VPSDE(), (4, 2), method=method, **kw)
-    assert str(alone.value) == str(in_sample.value)
+    assert str(alone.value) == str(with_sde.value) == str(in_sample.value)
     assert check_method_options(method, {}) == METHOD_OPTIONS[method]
 
 
-@pytest.mark.parametrize("method", ["ddim", "dpm_solver"])
+@pytest.mark.parametrize("kw,match", BAD_SDE_OPTIONS, ids=[str(k) for k, _ in BAD_SDE_OPTIONS])
+def test_check_sample_options_is_the_check_sample_runs(kw, match):
+    """Rules that need the SDE: ``check_method_options`` cannot see them, ``check_sample_options`` and ``sample``
+    reject them with the same message."""
+    kw = dict(kw)
+    method = kw.pop("method", "pc")
+    check_method_options(method, kw)
+    with pytest.raises(ValueError, match=match) as with_sde:
+        check_sample_options(VPSDE(), method, **kw)
+    with pytest.raises(ValueError) as in_sample:
+        sample(mixture(2).score_fn(VPSDE()), VPSDE(), (4, 2), method=method, **kw)
+    assert str(with_sde.value) == str(in_sample.value)
+
+
+@pytest.mark.parametrize("method", VP_ONLY_METHODS)
+def test_check_sample_options_rejects_vp_only_methods_on_ve(method):
+    with pytest.raises(ValueError, match="method") as err:
+        check_sample_options(VESDE(), method)
+    assert "sde" in str(err.value)
+    check_method_options(method, {})  # fine without the SDE
+    for sde in (VPSDE(), SubVPSDE(), VPSDE(schedule="cosine")):
+        assert check_sample_options(sde, method) == METHOD_OPTIONS[method]
+
+
+def test_check_sample_options_completes_and_rejects():
+    o = check_sample_options(VESDE(), "ode", ode_method="euler", steps=7, eps=0.5)
+    assert o == {**METHOD_OPTIONS["ode"], "ode_method": "euler", "steps": 7, "eps": 0.5}
+    with pytest.raises(ValueError, match="steps"):
+        check_sample_options(VESDE(), "ode", steps=7)  # adaptive dopri5 picks its own steps
+    with pytest.raises(ValueError, match="unknown option"):
+        check_sample_options(VPSDE(), "ddim", order=2)
+    with pytest.raises(ValueError, match="method"):
+        check_sample_options(VPSDE(), "euler")
+    with pytest.raises(TypeError, match="sde"):
+        check_sample_options("vp", "pc")
+
+
+def test_none_means_the_default():
+    """An option given as ``None`` whose type is not ``Optional`` takes the signature's default (a config's ``null``);
+    ``Optional`` options keep ``None``, which the sampler resolves (pc's ``steps`` to ``sde.N``)."""
+    assert check_method_options("ddim", {"steps": None, "denoise": None}) == METHOD_OPTIONS["ddim"]
+    assert check_method_options("pc", {"steps": None, "eps": None})["steps"] is None
+    sde, sf, xT, _ = pf_reference("vp")
+    a = sample(sf, sde, xT.shape, method="ddim", steps=None, denoise=None, x_T=xT)
+    b = sample(sf, sde, xT.shape, method="ddim", steps=DEFAULT_STEPS["ddim"], x_T=xT)
+    assert torch.equal(a.x, b.x) and a.info["steps"] == 50 and a.info["denoise"] is False
+    sde = VESDE(N=12)
+    r = sample(sf, sde, xT.shape, method="pc", x_T=xT, dtype=F64)
+    assert r.info["steps"] == 12 and r.nfe == 2 * 12 + 1
+
+
+# --- the table: one dispatch, options read off the signatures ----------------------------------------
+OPTION_TYPES = (int, float, bool, str, typing.Optional[int], typing.Optional[float], typing.Optional[str])
+
+
+@pytest.mark.parametrize("method", list(SAMPLERS))
+def test_method_options_are_the_sampler_signature(method):
+    """``METHOD_OPTIONS``, ``DEFAULT_STEPS``, ``DEFAULT_DENOISE`` and ``option_types`` are the sampler function's
+    keyword-only parameters, defaults and annotations: one source of truth."""
+    params = inspect.signature(SAMPLERS[method]).parameters.values()
+    kw_only = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert METHOD_OPTIONS[method] == kw_only
+    assert {"steps", "eps", "denoise"} <= set(kw_only)
+    assert DEFAULT_STEPS[method] == kw_only["steps"] and DEFAULT_DENOISE[method] == kw_only["denoise"]
+    # the rest of the signature is the run, the same for every sampler
+    assert [p.name for p in params if p.kind is not inspect.Parameter.KEYWORD_ONLY] == ["score_fn", "sde", "x", "noise", "callback", "progress"]
+    types = option_types(method)
+    assert set(types) == set(kw_only)
+    for name, tp in types.items():
+        assert tp in OPTION_TYPES, f"{method}.{name}: {tp}"
+        default = kw_only[name]
+        base = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        assert (default is None and type(None) in typing.get_args(tp)) or isinstance(default, base[0]), f"{method}.{name}={default!r} vs {tp}"
+        if base[0] is not bool:
+            assert not isinstance(default, bool), f"{method}.{name}"
+
+
+def test_langevin_snr_default_is_the_signature():
+    """``sample_langevin``'s signature holds the one ``snr`` default (0.3) and ``sample`` uses it; PC's is 0.16."""
+    assert METHOD_OPTIONS["langevin"]["snr"] == inspect.signature(sample_langevin).parameters["snr"].default == 0.3
+    assert METHOD_OPTIONS["pc"]["snr"] == inspect.signature(sample_pc).parameters["snr"].default == 0.16
+    sde = VPSDE()
+
+    def run(**kw):
+        return sample(mixture(2).score_fn(sde), sde, (8, 2), method="langevin", steps=5, n_steps=2,
+                      generator=torch.Generator().manual_seed(2), dtype=F64, **kw)
+
+    a, b, c = run(), run(snr=0.3), run(snr=0.16)
+    assert torch.equal(a.x, b.x) and not torch.equal(a.x, c.x) and a.info["snr"] == 0.3
+
+
+def test_sample_dispatches_through_the_table(monkeypatch):
+    """``sample`` calls ``SAMPLERS[method]`` with the checked options completed with their defaults."""
+    calls = []
+
+    def fake(score_fn, sde, x, noise, callback, progress, **options):
+        calls.append(options)
+        score_fn(x, torch.full((x.shape[0],), 0.5, dtype=x.dtype))
+        if callback is not None:
+            callback(x + 1, 0.5)
+        return x * 0 + 7, {"steps": 3, "answer": 42}
+
+    monkeypatch.setitem(SAMPLERS, "heun", fake)
+    sde = VPSDE()
+    r = sample(mixture(2).score_fn(sde), sde, (4, 2), method="heun", rho=3.0, return_trajectory=True, generator=torch.Generator().manual_seed(0))
+    assert calls == [{**METHOD_OPTIONS["heun"], "rho": 3.0}]
+    assert torch.equal(r.x, torch.full((4, 2), 7.0)) and r.nfe == 1
+    assert r.info["answer"] == 42 and r.info["steps"] == 3 and r.info["method"] == "heun"
+    assert r.trajectory.shape == (2, 4, 2) and r.times.tolist() == [sde.T, 0.5]
+    with pytest.raises(ValueError, match="schedule"):  # still validated before the table entry is called
+        sample(mixture(2).score_fn(sde), sde, (4, 2), method="heun", schedule="cosine")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("method", VP_ONLY_METHODS)
 def test_ddim_dpm_solver_reject_ve(method):
     with pytest.raises(ValueError, match="VP and sub-VP"):
         sample(mixture(2).score_fn(VESDE()), VESDE(), (4, 2), method=method)

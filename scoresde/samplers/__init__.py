@@ -1,13 +1,24 @@
 """Samplers for score-based models: predictor–corrector, annealed Langevin, probability-flow ODE, DDIM,
-DPM-Solver and EDM-Heun, all behind one entry point ``sample`` (k-diffusion style: one small function each)."""
+DPM-Solver and EDM-Heun (k-diffusion style: one small function each), in one table ``SAMPLERS`` behind one
+entry point ``sample``. A method's options are its sampler function's keyword-only parameters
+(``METHOD_OPTIONS``, ``option_types``); ``check_method_options`` / ``check_sample_options`` validate them."""
 
-from ._common import CountingScore, Noise, SampleResult, default_eps, denoise, langevin_alpha, time_grid, transition
-from .api import DEFAULT_STEPS, METHOD_OPTIONS, METHODS, check_method_options, sample
+from ._common import (
+    CountingScore, Noise, SampleResult, default_eps, denoise, end_time, final_denoise, langevin_alpha, time_grid, transition,
+)
+from .api import (
+    DEFAULT_DENOISE, DEFAULT_STEPS, METHOD_OPTIONS, METHODS, SAMPLERS, VP_ONLY_METHODS, check_method_options,
+    check_sample_options, option_types, sample,
+)
 from .fast import ddim_step, sample_ddim, sample_dpm_solver, sample_heun
-from .ode import probability_flow_drift, sample_ode
+from .ode import (
+    ADAPTIVE_ODE_METHODS, FIXED_GRID_STEPS, FIXED_ODE_METHODS, ODE_METHODS, TORCHDIFFEQ_ADAPTIVE, TORCHDIFFEQ_FIXED,
+    probability_flow_drift, sample_ode,
+)
 from .pc import (
     CORRECTORS,
     PREDICTORS,
+    PROBABILITY_FLOW_PREDICTORS,
     ancestral_step,
     annealed_langevin_corrector,
     euler_maruyama_step,
@@ -18,8 +29,11 @@ from .pc import (
 )
 
 __all__ = [
-    "sample", "check_method_options", "SampleResult", "METHODS", "METHOD_OPTIONS", "DEFAULT_STEPS", "CountingScore", "Noise", "time_grid",
-    "transition", "denoise", "default_eps", "langevin_alpha", "PREDICTORS", "CORRECTORS", "euler_maruyama_step",
-    "reverse_diffusion_step", "ancestral_step", "langevin_corrector", "annealed_langevin_corrector", "sample_pc",
-    "sample_langevin", "sample_ode", "probability_flow_drift", "ddim_step", "sample_ddim", "sample_dpm_solver", "sample_heun",
+    "sample", "SAMPLERS", "METHODS", "METHOD_OPTIONS", "DEFAULT_STEPS", "DEFAULT_DENOISE", "VP_ONLY_METHODS", "option_types",
+    "check_method_options", "check_sample_options", "SampleResult", "CountingScore", "Noise", "time_grid", "transition",
+    "denoise", "final_denoise", "default_eps", "end_time", "langevin_alpha", "PREDICTORS", "PROBABILITY_FLOW_PREDICTORS",
+    "CORRECTORS", "euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "langevin_corrector",
+    "annealed_langevin_corrector", "sample_pc", "sample_langevin", "sample_ode", "probability_flow_drift", "ADAPTIVE_ODE_METHODS",
+    "FIXED_ODE_METHODS", "ODE_METHODS", "TORCHDIFFEQ_ADAPTIVE", "TORCHDIFFEQ_FIXED", "FIXED_GRID_STEPS", "ddim_step", "sample_ddim",
+    "sample_dpm_solver", "sample_heun",
 ]

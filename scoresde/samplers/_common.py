@@ -2,19 +2,31 @@
 
 Time grids are computed once in float64 on the CPU and handed to the solvers as Python floats, so the
 per-step coefficients are exact to float64 whatever dtype/device the samples use.
+
+Every sampler function of the table ``SAMPLERS`` has the form::
+
+    sample_x(score_fn, sde, x, noise, callback=None, progress=False, /, *, steps, eps, denoise, <its options>)
+        -> (x_0, info)
+
+``x`` is ``x_T`` ``(B, *dims)``; ``noise`` a ``Noise`` (unused by deterministic solvers); ``callback(x, t)``, when
+given, is called with every state the solver reaches and its (forward) time ``t``, ending with the denoised
+``x_0`` at ``t = 0`` when ``denoise``. The keyword-only parameters are the method's options, their defaults the
+method's defaults. ``info`` holds what the sampler resolved (``steps``, ``eps``, ...) and solver statistics.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..sde import SDE, SubVPSDE, VESDE, VPSDE
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# ``callback(x, t)``: a state ``x`` (B, *dims) reached by a sampler at forward time ``t``
+Callback = Callable[[torch.Tensor, float], None]
 
 SCHEDULES = ("time_uniform", "logSNR", "karras")
 
@@ -39,7 +51,9 @@ class SampleResult:
 
 
 class CountingScore:
-    """Wraps ``score_fn(x, t)`` and counts its calls in ``.calls`` (one call = one network evaluation of a batch)."""
+    """Wraps ``score_fn(x, t)`` and counts its calls in ``.calls`` (one call = one network evaluation of a batch).
+
+    The one NFE counter of the library: ``sample`` and ``likelihood.log_likelihood`` report ``.calls`` as ``nfe``."""
 
     def __init__(self, score_fn: ScoreFn):
         self.score_fn = score_fn
@@ -108,6 +122,11 @@ def default_eps(sde: SDE) -> float:
     return 1e-5 if isinstance(sde, VESDE) else 1e-3
 
 
+def end_time(sde: SDE, eps: Optional[float]) -> float:
+    """A sampler's end time: ``eps``, or ``default_eps(sde)`` for ``None``; a Python float."""
+    return default_eps(sde) if eps is None else float(eps)
+
+
 def time_grid(sde: SDE, steps: int, eps: float, schedule: str = "time_uniform", rho: float = 7.0) -> torch.Tensor:
     """Decreasing times ``T = t_0 > t_1 > ... > t_steps = eps``, shape ``(steps + 1,)``, float64 on the CPU.
 
@@ -148,6 +167,23 @@ def denoise(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float) -> torch.Ten
     """Tweedie's formula ``E[x_0 | x_t] = (x_t + s(t)^2 grad log p_t(x_t)) / m(t)``; one score call; shape of ``x``."""
     m, s = coef(sde, t)
     return (x + (s * s) * score_fn(x, full_t(t, x))) / m
+
+
+def final_denoise(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, eps: float, callback: Optional[Callback]) -> torch.Tensor:
+    """A sampler's last step with ``denoise=True``: ``x_0 = denoise(x_eps)`` (Tweedie at ``eps``), reported to
+    ``callback`` at ``t = 0``; one score call."""
+    x = denoise(score_fn, sde, x, eps)
+    if callback is not None:
+        callback(x, 0.0)
+    return x
+
+
+def _check_bool(name: str, value) -> bool:
+    """``value`` must be ``True`` or ``False`` (not 0/1); returns it. The samplers' one check that
+    ``scoresde._validate`` lacks; raises ``ValueError`` naming the option like the checks there."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False; got {value!r}")
+    return value
 
 
 def langevin_alpha(sde: SDE, t: float) -> float:

@@ -1,129 +1,111 @@
-"""The one entry point ``sample``: validates every option, then dispatches to a small sampler function."""
+"""The one entry point ``sample`` and the one table ``SAMPLERS`` it dispatches through.
+
+A method's options are the keyword-only parameters of its sampler function, and their defaults are the
+method's defaults; ``METHOD_OPTIONS``, ``DEFAULT_STEPS``, ``DEFAULT_DENOISE`` and ``option_types`` are read off
+the signatures (nothing is copied). ``check_method_options`` (no SDE needed) and ``check_sample_options``
+(given the SDE) hold every rule on them; ``sample`` validates once, through ``check_sample_options``, then calls
+``SAMPLERS[method](score_fn, sde, x_T, noise, callback, progress, **options)``.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 
 import torch
 
 from ..sde import SDE, VESDE
-from ._common import SCHEDULES, CountingScore, Noise, SampleResult, default_eps, time_grid
+from .._validate import check_choice, check_int, check_positive
+from ._common import SCHEDULES, CountingScore, Noise, SampleResult, _check_bool
 from .fast import sample_ddim, sample_dpm_solver, sample_heun
 from .ode import ADAPTIVE_ODE_METHODS, ERROR_NORMS, FIXED_ODE_METHODS, ODE_METHODS, sample_ode
-from .pc import CORRECTORS, PREDICTORS, sample_langevin, sample_pc
-from .._validate import check_choice, check_int, check_positive
+from .pc import CORRECTORS, PREDICTORS, PROBABILITY_FLOW_PREDICTORS, sample_langevin, sample_pc
 
-__all__ = ["sample", "check_method_options", "METHODS", "METHOD_OPTIONS", "DEFAULT_STEPS"]
+__all__ = [
+    "sample", "SAMPLERS", "METHODS", "METHOD_OPTIONS", "DEFAULT_STEPS", "DEFAULT_DENOISE", "VP_ONLY_METHODS",
+    "option_types", "check_method_options", "check_sample_options",
+]
 
-METHODS = ("pc", "langevin", "ode", "ddim", "dpm_solver", "heun")
-
-# options every method takes, with their defaults
-COMMON_OPTIONS = {"eps": None, "denoise": None, "dtype": None, "device": None, "x_T": None, "return_trajectory": False}
-
-# method-specific options and defaults
-METHOD_OPTIONS = {
-    "pc": {"predictor": "reverse_diffusion", "corrector": "langevin", "snr": 0.16, "n_steps": 1, "probability_flow": False,
-           "langevin_norm": None, "schedule": "time_uniform", "rho": 7.0},
-    "langevin": {"snr": 0.3, "n_steps": 10, "schedule": "logSNR", "rho": 7.0},
-    "ode": {"ode_method": "dopri5", "rtol": 1e-5, "atol": 1e-5, "error_norm": "per_sample", "trajectory_points": 11},
-    "ddim": {"eta": 0.0, "schedule": "time_uniform", "rho": 7.0},
-    "dpm_solver": {"order": 3, "multistep": True, "schedule": "logSNR", "rho": 7.0, "lower_order_final": True},
-    "heun": {"schedule": "karras", "rho": 7.0},
+# method name -> sampler function ``fn(score_fn, sde, x_T, noise, callback, progress, /, *, <options>) -> (x_0, info)``
+SAMPLERS = {
+    "pc": sample_pc,
+    "langevin": sample_langevin,
+    "ode": sample_ode,
+    "ddim": sample_ddim,
+    "dpm_solver": sample_dpm_solver,
+    "heun": sample_heun,
 }
+METHODS = tuple(SAMPLERS)
+# methods written for VP-type SDEs only (DDIM, DPM-Solver); VE is rejected
+VP_ONLY_METHODS = ("ddim", "dpm_solver")
 
-# default number of solver steps when ``steps=None`` (``"N"`` = the SDE's own ``N``, the paper's 1000)
-DEFAULT_STEPS = {"pc": "N", "langevin": 100, "ode": 100, "ddim": 50, "dpm_solver": 20, "heun": 18}
 
+def _options(fn) -> dict:
+    """``name -> default`` of ``fn``'s keyword-only parameters: a method's options and their defaults."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+# method -> {option: default}: every user-settable option of the method (incl. ``steps``, ``eps``, ``denoise``),
+# read off ``SAMPLERS[method]``'s signature
+METHOD_OPTIONS = {m: _options(fn) for m, fn in SAMPLERS.items()}
+# default ``steps`` of each method (``None``: pc ``sde.N``; ode adaptive, or ``FIXED_GRID_STEPS`` for a fixed grid)
+DEFAULT_STEPS = {m: o["steps"] for m, o in METHOD_OPTIONS.items()}
 # final Tweedie denoising on by default for the stochastic samplers (as in the paper), off for the ODE solvers
-DEFAULT_DENOISE = {"pc": True, "langevin": True, "ode": False, "ddim": False, "dpm_solver": False, "heun": False}
+DEFAULT_DENOISE = {m: o["denoise"] for m, o in METHOD_OPTIONS.items()}
 
 
-def _bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False; got {value!r}")
-    return value
+_OPTION_TYPES = {m: {k: typing.get_type_hints(fn)[k] for k in METHOD_OPTIONS[m]} for m, fn in SAMPLERS.items()}
 
 
-def _resolve(method: str, sde: SDE, shape, steps, generator, options: dict) -> dict:
-    """Check every argument and fill in defaults; raises ``ValueError``/``TypeError`` before any work."""
+def option_types(method: str) -> dict:
+    """``name -> type`` of ``method``'s options (the keys of ``METHOD_OPTIONS[method]``), from the annotations of
+    ``SAMPLERS[method]`` (``typing.get_type_hints``): ``int``, ``float``, ``bool``, ``str`` or ``typing.Optional[...]``
+    of one of them (``None`` meaning the method's documented default). A config layer builds its schema from these."""
     check_choice("method", method, METHODS)
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be a scoresde SDE (VPSDE, SubVPSDE, VESDE); got {type(sde).__name__}")
-    allowed = {**COMMON_OPTIONS, **METHOD_OPTIONS[method]}
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {sorted(allowed)}")
-    o = {**allowed, **options}
-    try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints (batch, *dims); got {shape!r}") from None
-    if len(shape) < 2 or any(d < 1 for d in shape):
-        raise ValueError(f"shape must be (batch, *dims) with at least 2 positive entries; got {shape}")
-    o["shape"] = shape
+    return dict(_OPTION_TYPES[method])
 
-    if method in ("ddim", "dpm_solver") and isinstance(sde, VESDE):
-        raise ValueError(f"method={method!r} is implemented for VP and sub-VP SDEs only (allowed sde: VPSDE, SubVPSDE); "
-                         "for VE use method='heun', 'ode' or 'pc'")
 
-    # steps
-    if method == "ode" and o["ode_method"] in ADAPTIVE_ODE_METHODS:
-        if steps is not None:
-            raise ValueError(f"steps is set by the adaptive ode_method={o['ode_method']!r} (use rtol/atol); pass steps=None "
-                             f"or a fixed-grid ode_method in {FIXED_ODE_METHODS}")
-        o["steps"] = None
-    else:
-        d = DEFAULT_STEPS[method]
-        o["steps"] = check_int("steps", (sde.N if d == "N" else d) if steps is None else steps)
-
-    # common options
-    eps = default_eps(sde) if o["eps"] is None else o["eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < sde.T:
-        raise ValueError(f"eps must be a number in (0, T) = (0, {sde.T}); got {eps!r}")
-    o["eps"] = float(eps)
-    o["denoise"] = DEFAULT_DENOISE[method] if o["denoise"] is None else _bool("denoise", o["denoise"])
-    _bool("return_trajectory", o["return_trajectory"])
-    x_T = o["x_T"]
-    if x_T is not None:
-        if not torch.is_tensor(x_T):
-            raise TypeError(f"x_T must be a tensor of shape {shape}; got {type(x_T).__name__}")
-        if tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T must have shape {shape}; got {tuple(x_T.shape)}")
-    dtype = o["dtype"] or (x_T.dtype if x_T is not None else torch.float32)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32, torch.float64); got {dtype!r}")
-    o["dtype"] = dtype
-    gen0 = generator[0] if isinstance(generator, (list, tuple)) and len(generator) else generator
-    device = o["device"] or (x_T.device if x_T is not None else (gen0.device if isinstance(gen0, torch.Generator) else "cpu"))
-    o["device"] = torch.device(device)
-    o["noise"] = noise = Noise(generator, shape[0], o["device"], dtype)  # checks the generator(s)
-
-    # method options
-    o.update(check_method_options(method, {k: o[k] for k in METHOD_OPTIONS[method]}))
-    if method == "pc" and o["langevin_norm"] is None:  # per-sample norms exactly when per-sample generators ask for batch invariance
-        o["langevin_norm"] = "sample" if noise.generators is not None else "batch"
-    return o
+def _allows_none(method: str, name: str) -> bool:
+    return type(None) in typing.get_args(_OPTION_TYPES[method][name])
 
 
 def check_method_options(method: str, options: dict) -> dict:
-    """Check ``method`` and its own options (keys of ``METHOD_OPTIONS[method]``; none needs the SDE) and
-    return them completed with the defaults. ``sample`` calls it; so does the config layer, to validate
-    a sampler config. Raises ``ValueError`` naming the option and its allowed values.
-    ``langevin_norm=None`` stays ``None`` (``sample`` picks it from the generators).
+    """Check ``method`` and its own options (keys of ``METHOD_OPTIONS[method]``, incl. ``steps``, ``eps``, ``denoise``)
+    without the SDE, and return them completed with the defaults of ``SAMPLERS[method]``'s signature.
+
+    An option given as ``None`` whose type is not ``Optional`` (e.g. ``steps`` of ``ddim``, ``denoise``) means
+    "the default" and is replaced by it; ``Optional`` ones keep ``None`` (the sampler resolves it: ``steps`` of pc
+    to ``sde.N``, ``eps`` to ``default_eps(sde)``, ``langevin_norm`` from the generators). ``sample`` calls it
+    (through ``check_sample_options``); so does the config layer, to validate a sampler config.
+    Raises ``ValueError`` naming the option and its allowed values.
     """
     check_choice("method", method, METHODS)
-    unknown = sorted(set(options) - set(METHOD_OPTIONS[method]))
+    defaults = METHOD_OPTIONS[method]
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {sorted(METHOD_OPTIONS[method])}")
-    o = {**METHOD_OPTIONS[method], **options}
+        raise ValueError(f"unknown option(s) {unknown} for method={method!r}; allowed options: {sorted(defaults)}")
+    o = dict(defaults)
+    o.update({k: v for k, v in options.items() if v is not None or _allows_none(method, k)})
+
+    # common to every method
+    if o["steps"] is not None:
+        check_int("steps", o["steps"])
+    if o["eps"] is not None:
+        check_positive("eps", o["eps"])
+    _check_bool("denoise", o["denoise"])
+    if "schedule" in o:
+        check_choice("schedule", o["schedule"], SCHEDULES)
+        check_positive("rho", o["rho"])
+
     if method == "pc":
         check_choice("predictor", o["predictor"], tuple(PREDICTORS))
         check_choice("corrector", o["corrector"], tuple(CORRECTORS))
         if o["predictor"] == "none" and o["corrector"] == "none":
             raise ValueError("predictor and corrector cannot both be 'none'")
-        _bool("probability_flow", o["probability_flow"])
-        if o["probability_flow"] and o["predictor"] not in ("euler_maruyama", "reverse_diffusion"):
-            raise ValueError(f"probability_flow=True needs predictor in ('euler_maruyama', 'reverse_diffusion'); got {o['predictor']!r}")
+        _check_bool("probability_flow", o["probability_flow"])
+        if o["probability_flow"] and o["predictor"] not in PROBABILITY_FLOW_PREDICTORS:
+            raise ValueError(f"probability_flow=True needs predictor in {PROBABILITY_FLOW_PREDICTORS}; got {o['predictor']!r}")
         if o["langevin_norm"] is not None:
             check_choice("langevin_norm", o["langevin_norm"], ("batch", "sample"))
     if method in ("pc", "langevin"):
@@ -131,111 +113,135 @@ def check_method_options(method: str, options: dict) -> dict:
         check_int("n_steps", o["n_steps"])
     if method == "ode":
         check_choice("ode_method", o["ode_method"], ODE_METHODS)
+        if o["ode_method"] in ADAPTIVE_ODE_METHODS and o["steps"] is not None:
+            raise ValueError(f"steps must be None for the adaptive ode_method={o['ode_method']!r} (its steps come from "
+                             f"rtol/atol); got {o['steps']!r}; or pick a fixed-grid ode_method in {FIXED_ODE_METHODS}")
         check_positive("rtol", o["rtol"])
         check_positive("atol", o["atol"])
         check_choice("error_norm", o["error_norm"], ERROR_NORMS)
-        check_int("trajectory_points", o["trajectory_points"])
+        check_int("trajectory_points", o["trajectory_points"], 2)
     if method == "ddim":
         eta = o["eta"]
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and 0 <= eta <= 1):
             raise ValueError(f"eta must lie in [0, 1]; got {eta!r}")
-    if method in ("pc", "langevin", "ddim", "dpm_solver", "heun"):
-        check_choice("schedule", o["schedule"], SCHEDULES)
-        check_positive("rho", o["rho"])
     if method == "dpm_solver":
         check_choice("order", o["order"], (1, 2, 3))
-        _bool("multistep", o["multistep"])
-        _bool("lower_order_final", o["lower_order_final"])
+        _check_bool("multistep", o["multistep"])
+        _check_bool("lower_order_final", o["lower_order_final"])
     return o
 
 
-def sample(score_fn, sde: SDE, shape, method: str = "pc", steps: int | None = None, generator=None, progress: bool = False,
+def check_sample_options(sde: SDE, method: str, **options) -> dict:
+    """Every check ``sample`` makes on ``method`` and its options given the SDE (no score function, no data):
+    ``check_method_options``, then the rules that need ``sde``: ``ddim``/``dpm_solver`` need a VP or sub-VP SDE
+    (``VP_ONLY_METHODS``), ``eps`` must lie in ``(0, sde.T)``. Returns the completed options (as
+    ``check_method_options``). Raises ``TypeError`` for a non-SDE, ``ValueError`` naming the option otherwise.
+    A config layer calls it to validate a sampler against the run's SDE before any work."""
+    check_choice("method", method, METHODS)
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be a scoresde SDE (VPSDE, SubVPSDE, VESDE); got {type(sde).__name__}")
+    o = check_method_options(method, options)
+    if method in VP_ONLY_METHODS and isinstance(sde, VESDE):
+        raise ValueError(f"method={method!r} is implemented for VP and sub-VP SDEs only (allowed sde: VPSDE, SubVPSDE); "
+                         "for VE use method='heun', 'ode' or 'pc'")
+    if o["eps"] is not None and not o["eps"] < sde.T:
+        raise ValueError(f"eps must lie in (0, T) = (0, {sde.T}); got {o['eps']!r}")
+    return o
+
+
+def _check_run(shape, dtype, device, x_T, return_trajectory, generator):
+    """The run's own arguments (not a method's options): returns ``(shape, dtype, device, noise)``."""
+    try:
+        shape = tuple(int(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints (batch, *dims); got {shape!r}") from None
+    if len(shape) < 2 or any(d < 1 for d in shape):
+        raise ValueError(f"shape must be (batch, *dims) with at least 2 positive entries; got {shape}")
+    _check_bool("return_trajectory", return_trajectory)
+    if x_T is not None:
+        if not torch.is_tensor(x_T):
+            raise TypeError(f"x_T must be a tensor of shape {shape}; got {type(x_T).__name__}")
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T must have shape {shape}; got {tuple(x_T.shape)}")
+    dtype = dtype or (x_T.dtype if x_T is not None else torch.float32)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float32, torch.float64); got {dtype!r}")
+    gen0 = generator[0] if isinstance(generator, (list, tuple)) and len(generator) else generator
+    device = torch.device(device or (x_T.device if x_T is not None else (gen0.device if isinstance(gen0, torch.Generator) else "cpu")))
+    return shape, dtype, device, Noise(generator, shape[0], device, dtype)  # Noise checks the generator(s)
+
+
+def sample(score_fn, sde: SDE, shape, method: str = "pc", steps: int | None = None, generator=None, progress: bool = False, *,
+           dtype: torch.dtype | None = None, device=None, x_T: torch.Tensor | None = None, return_trajectory: bool = False,
            **options) -> SampleResult:
     """Draw samples ``x_0 ~ p_0`` by reversing ``sde`` with ``score_fn(x, t) ~ grad log p_t(x)``.
 
-    Starts from ``x_T ~ N(0, prior_std^2 I)`` (or ``options["x_T"]``) at ``t = T`` and ends at ``t = eps``
-    (default 1e-3 for VP/sub-VP, 1e-5 for VE), then optionally applies Tweedie's denoising
-    ``x <- (x + s(eps)^2 score(x, eps)) / m(eps)`` (``denoise``; on by default for ``pc``/``langevin``).
+    Starts from ``x_T ~ N(0, prior_std^2 I)`` (or the given ``x_T``) at ``t = T`` and runs
+    ``SAMPLERS[method]`` down to ``t = eps`` (``eps=None``: 1e-3 for VP/sub-VP, 1e-5 for VE), then optionally
+    Tweedie's denoising ``x <- (x + s(eps)^2 score(x, eps)) / m(eps)`` (``denoise``; on by default for
+    ``pc``/``langevin``, see ``DEFAULT_DENOISE``).
 
     Args:
         score_fn: ``score_fn(x, t)`` with ``x (B, *dims)``, ``t (B,)`` -> shape of ``x``.
         sde: a ``VPSDE``, ``SubVPSDE`` or ``VESDE``.
         shape: ``(B, *dims)`` of the samples.
-        method: ``"pc"`` | ``"langevin"`` | ``"ode"`` | ``"ddim"`` | ``"dpm_solver"`` | ``"heun"``.
-        steps: number of solver steps (NFE may differ and is reported); ``None`` for the default
-            (``DEFAULT_STEPS``: pc ``sde.N``, langevin 100 levels, fixed-grid ode 100, ddim 50, dpm_solver 20,
-            heun 18); must be ``None`` for adaptive ODE solvers.
+        method: a key of ``SAMPLERS``: ``"pc"`` | ``"langevin"`` | ``"ode"`` | ``"ddim"`` | ``"dpm_solver"`` | ``"heun"``.
+        steps: number of solver steps (NFE may differ and is reported); ``None`` for the method's default
+            (``DEFAULT_STEPS``: pc ``sde.N``, langevin 100 levels, ode adaptive (fixed grid: ``FIXED_GRID_STEPS``),
+            ddim 50, dpm_solver 20, heun 18); must be ``None`` for adaptive ODE solvers.
         generator: ``None``, a ``torch.Generator``, or a list of ``B`` generators (one per sample: every random
             number of sample ``b`` comes from ``generator[b]``, so it does not depend on the batch).
         progress: show a tqdm progress bar.
-        **options: common: ``eps``, ``denoise``, ``dtype`` (default float32), ``device`` (default the generator's,
-            else cpu), ``x_T``, ``return_trajectory``. Per method (defaults in ``METHOD_OPTIONS``):
-            pc: ``predictor`` (euler_maruyama | reverse_diffusion | ancestral | none), ``corrector``
-            (langevin | annealed_langevin | none), ``snr``, ``n_steps``, ``probability_flow``, ``langevin_norm``
-            (batch | sample; default sample with a list of generators, else batch: see ``langevin_corrector``),
-            ``schedule``, ``rho``; langevin: ``snr``, ``n_steps`` (per noise level), ``schedule`` (default logSNR), ``rho``;
-            ode: ``ode_method`` (dopri5 | dopri8 | bosh3 | adaptive_heun | scipy_rk45 | euler | midpoint | rk4),
+        dtype: of the samples (default ``x_T``'s, else float32). device: default ``x_T``'s, else the generator's, else cpu.
+        x_T: ``(B, *dims)`` start instead of a prior draw. return_trajectory: keep every state (see Returns).
+        **options: the method's options, the keyword-only parameters of ``SAMPLERS[method]`` (names and defaults in
+            ``METHOD_OPTIONS[method]``, types in ``option_types(method)``; each sampler's docstring says what they do):
+            all: ``eps``, ``denoise``; pc: ``schedule``, ``rho``, ``predictor`` (euler_maruyama | reverse_diffusion |
+            ancestral | none), ``corrector`` (langevin | annealed_langevin | none), ``snr`` (0.16), ``n_steps``,
+            ``probability_flow``, ``langevin_norm`` (batch | sample; default sample with a list of generators, else
+            batch); langevin: ``schedule`` (default logSNR), ``rho``, ``snr`` (0.3), ``n_steps`` (per noise level);
+            ode: ``ode_method`` (``ODE_METHODS``: dopri5 ... scipy_rk45 adaptive, euler, midpoint, rk4 ... fixed),
             ``rtol``, ``atol`` (1e-5 as in the paper), ``error_norm`` (per_sample | batch), ``trajectory_points``
-            (adaptive only); ddim: ``eta`` in [0, 1], ``schedule``, ``rho``; dpm_solver: ``order`` (1, 2, 3),
-            ``multistep``, ``schedule`` (time_uniform | logSNR | karras), ``rho``, ``lower_order_final``;
-            heun: ``schedule``, ``rho``.
+            (adaptive only); ddim: ``schedule``, ``rho``, ``eta`` in [0, 1]; dpm_solver: ``schedule`` (time_uniform |
+            logSNR | karras), ``rho``, ``order`` (1, 2, 3), ``multistep``, ``lower_order_final``; heun: ``schedule``, ``rho``.
 
     Returns:
         ``SampleResult`` with ``x`` (``shape``), ``nfe`` (score calls counted), ``trajectory``/``times``
         (``(K, *shape)``, ``(K,)``, from ``x_T`` at ``T`` to ``eps``, plus the denoised ``x`` at ``t = 0``
-        when ``denoise``; with ``return_trajectory``) and ``info``.
+        when ``denoise``; with ``return_trajectory``) and ``info`` (``method``, the options used with ``steps``
+        and ``eps`` resolved, solver statistics).
 
     Sampling runs under ``torch.no_grad()``; a ``score_fn`` that needs autograd inside must enable it itself.
 
     Raises:
-        ValueError/TypeError for any bad argument, before any score evaluation.
+        ValueError/TypeError for any bad argument (``check_sample_options``, then the run's own arguments),
+        before any score evaluation.
     """
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable as score_fn(x, t); got {type(score_fn).__name__}")
-    o = _resolve(method, sde, shape, steps, generator, options)
-    shape, dtype, device, noise = o["shape"], o["dtype"], o["device"], o["noise"]
-    counted = CountingScore(score_fn)
+    opts = check_sample_options(sde, method, steps=steps, **options)
+    shape, dtype, device, noise = _check_run(shape, dtype, device, x_T, return_trajectory, generator)
 
-    if method == "ode" and o["steps"] is None:
-        ts = torch.linspace(float(sde.T), o["eps"], o["trajectory_points"] if o["return_trajectory"] else 2, dtype=torch.float64)
-    else:
-        schedule = o.get("schedule", "time_uniform")
-        ts = time_grid(sde, o["steps"], o["eps"], schedule, o.get("rho", 7.0))
-
-    if o["x_T"] is not None:
-        x = o["x_T"].to(device=device, dtype=dtype)
+    if x_T is not None:
+        x = x_T.to(device=device, dtype=dtype)
     elif noise.generators is not None:
         x = sde.prior_std * noise.randn(shape)
     else:
         x = sde.prior_sampling(shape, noise.generator, device=device, dtype=dtype)
 
-    traj = [x] if o["return_trajectory"] else None
-    info = {"method": method, "steps": o["steps"], "eps": o["eps"], "denoise": o["denoise"]}
-    info.update({k: o[k] for k in METHOD_OPTIONS[method]})
-    with torch.no_grad():
-        if method == "pc":
-            x = sample_pc(counted, sde, x, ts, noise, o["predictor"], o["corrector"], o["snr"], o["n_steps"], o["probability_flow"],
-                          False, progress, traj, o["langevin_norm"])
-        elif method == "langevin":
-            x = sample_langevin(counted, sde, x, ts, noise, o["snr"], o["n_steps"], False, progress, traj)
-        elif method == "ode":
-            x, extra = sample_ode(counted, sde, x, ts, o["ode_method"], o["rtol"], o["atol"], o["error_norm"], traj)
-            info.update(extra)
-        elif method == "ddim":
-            x = sample_ddim(counted, sde, x, ts, noise, o["eta"], progress, traj)
-        elif method == "dpm_solver":
-            x = sample_dpm_solver(counted, sde, x, ts, o["order"], o["multistep"], o["lower_order_final"], progress, traj)
-        elif method == "heun":
-            x = sample_heun(counted, sde, x, ts, progress, traj)
-        if o["denoise"]:
-            from ._common import denoise
+    states, times, callback = None, None, None
+    if return_trajectory:
+        states, times = [x], [float(sde.T)]
 
-            x = denoise(counted, sde, x, o["eps"])
-            if traj is not None:
-                traj.append(x)
-                ts = torch.cat([ts, ts.new_zeros(1)])  # the denoised estimate of x_0 sits at t = 0
-    result = SampleResult(x=x, nfe=counted.calls, info=info)
-    if traj is not None:
-        result.trajectory = torch.stack(traj)
-        result.times = ts.clone()
+        def callback(xt, t):
+            states.append(xt)
+            times.append(t)
+
+    counted = CountingScore(score_fn)
+    with torch.no_grad():
+        x, info = SAMPLERS[method](counted, sde, x, noise, callback, progress, **opts)
+    result = SampleResult(x=x, nfe=counted.calls, info={"method": method, **opts, **info})
+    if return_trajectory:
+        result.trajectory = torch.stack(states)
+        result.times = torch.tensor(times, dtype=torch.float64)
     return result

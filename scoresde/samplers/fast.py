@@ -8,11 +8,14 @@ A step goes from ``t`` to ``s < t`` with ``h = lambda(s) - lambda(t) > 0``. Shap
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from ..sde import SDE
-from ._common import Noise, ScoreFn, coef, full_t, log_snr, progress_bar, t_from_log_snr, transition
+from ._common import (
+    Callback, Noise, ScoreFn, coef, end_time, final_denoise, full_t, log_snr, progress_bar, t_from_log_snr, time_grid, transition,
+)
 
 __all__ = ["ddim_step", "sample_ddim", "sample_dpm_solver", "sample_heun", "LOWER_ORDER_FINAL_BELOW"]
 
@@ -45,15 +48,22 @@ def ddim_step(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, s: float, 
     return ms * x0 + math.sqrt(max(ss * ss - sigma2, 0.0)) * e + math.sqrt(sigma2) * noise.randn_like(x)
 
 
-def sample_ddim(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Tensor, noise: Noise, eta: float = 0.0,
-                progress: bool = False, trajectory: list | None = None) -> torch.Tensor:
-    """DDIM over the grid ``ts`` (``(steps+1,)``, ``T -> eps``); ``steps`` score calls."""
-    tl = ts.tolist()
-    for i in progress_bar(len(tl) - 1, progress, "ddim"):
+def sample_ddim(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Noise, callback: Optional[Callback] = None, progress: bool = False,
+                /, *, steps: int = 50, eps: Optional[float] = None, denoise: bool = False, schedule: str = "time_uniform",
+                rho: float = 7.0, eta: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """DDIM (Song, Meng & Ermon 2021; ``ddim_step``) from ``x = x_T`` ``(B, *dims)`` over the grid
+    ``time_grid(sde, steps, eps, schedule, rho)`` (``eps=None``: ``default_eps(sde)``), ``eta`` in ``[0, 1]``;
+    then, with ``denoise``, Tweedie's denoising at ``eps``. VP and sub-VP only. NFE ``steps`` (+ 1).
+    Returns ``x_0`` ``(B, *dims)`` and ``info`` (``steps``, ``eps``)."""
+    eps = end_time(sde, eps)
+    tl = time_grid(sde, steps, eps, schedule, rho).tolist()
+    for i in progress_bar(steps, progress, "ddim"):
         x = ddim_step(score_fn, sde, x, tl[i], tl[i + 1], eta, noise)
-        if trajectory is not None:
-            trajectory.append(x)
-    return x
+        if callback is not None:
+            callback(x, tl[i + 1])
+    if denoise:
+        x = final_denoise(score_fn, sde, x, eps, callback)
+    return x, {"steps": steps, "eps": eps}
 
 
 # --- DPM-Solver (Lu et al. 2022), noise-prediction form -----------------------------------------
@@ -123,18 +133,25 @@ def _dpm_multistep(sde, x, t, s, hist_lam, hist_eps, order):
     return out
 
 
-def sample_dpm_solver(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Tensor, order: int = 3, multistep: bool = True,
-                      lower_order_final: bool = True, progress: bool = False, trajectory: list | None = None) -> torch.Tensor:
-    """DPM-Solver (Lu et al. 2022) over the grid ``ts`` (``(steps+1,)``, ``T -> eps``).
+def sample_dpm_solver(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[Noise] = None, callback: Optional[Callback] = None,
+                      progress: bool = False, /, *, steps: int = 20, eps: Optional[float] = None, denoise: bool = False,
+                      schedule: str = "logSNR", rho: float = 7.0, order: int = 3, multistep: bool = True,
+                      lower_order_final: bool = True) -> tuple[torch.Tensor, dict]:
+    """DPM-Solver (Lu et al. 2022), noise-prediction form, from ``x = x_T`` ``(B, *dims)`` over the grid
+    ``time_grid(sde, steps, eps, schedule, rho)`` (``eps=None``: ``default_eps(sde)``)::
+
+        x_s = (m_s/m_t) x_t - s_s [phi1(h) eps_hat + phi2(h) eps_hat' + phi3(h) eps_hat''],   h = lambda(s) - lambda(t)
 
     * singlestep: every step is DPM-Solver-``order`` (``order`` score calls per step);
     * multistep: one score call per step, step ``i`` of order ``min(order, i + 1)`` (warm-up), and, with
       ``lower_order_final`` and fewer than ``LOWER_ORDER_FINAL_BELOW`` steps, at most ``steps - i`` so the
       last step is first order (multistep solvers are unstable at few steps otherwise).
-    Order 1 is DDIM with ``eta = 0``.
+    Order 1 is DDIM with ``eta = 0``. With ``denoise``, Tweedie's denoising at ``eps`` afterwards (one more score call).
+    VP and sub-VP only; deterministic (``noise`` unused). Returns ``x_0`` ``(B, *dims)`` and ``info`` (``steps``, ``eps``).
     """
-    tl = ts.tolist()
-    n = len(tl) - 1
+    eps = end_time(sde, eps)
+    tl = time_grid(sde, steps, eps, schedule, rho).tolist()
+    n = steps
     hist_lam, hist_eps = [], []
     for i in progress_bar(n, progress, f"dpm_solver-{order}{'M' if multistep else 'S'}"):
         t, s = tl[i], tl[i + 1]
@@ -148,34 +165,44 @@ def sample_dpm_solver(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Te
             x = _dpm_multistep(sde, x, t, s, hist_lam, hist_eps, k)
         else:
             x = _dpm_singlestep(score_fn, sde, x, t, s, order)
-        if trajectory is not None:
-            trajectory.append(x)
-    return x
+        if callback is not None:
+            callback(x, s)
+    if denoise:
+        x = final_denoise(score_fn, sde, x, eps, callback)
+    return x, {"steps": steps, "eps": eps}
 
 
 # --- Heun in the EDM parameterisation ---------------------------------------------------------
-def sample_heun(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Tensor, progress: bool = False,
-                trajectory: list | None = None) -> torch.Tensor:
-    """Heun's 2nd-order method on the probability-flow ODE in EDM's variables (Karras et al. 2022, Alg. 1, no churn).
+def sample_heun(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[Noise] = None, callback: Optional[Callback] = None,
+                progress: bool = False, /, *, steps: int = 18, eps: Optional[float] = None, denoise: bool = False,
+                schedule: str = "karras", rho: float = 7.0) -> tuple[torch.Tensor, dict]:
+    """Heun's 2nd-order method on the probability-flow ODE in EDM's variables (Karras et al. 2022, Alg. 1, no churn),
+    from ``x = x_T`` ``(B, *dims)`` over the grid ``time_grid(sde, steps, eps, schedule, rho)`` (default Karras' sigmas
+    with ``rho = 7``; ``eps=None``: ``default_eps(sde)``); any SDE.
 
     ``sigma = s(t)/m(t)``, ``x_hat = x / m(t)``: ``d x_hat / d sigma = (x_hat - D(x_hat; sigma)) / sigma = eps_hat(m x_hat, t)``,
-    ``t = t_from_log_snr(-log sigma)`` (the grid ``ts`` already holds these times). Each step::
+    ``t = t_from_log_snr(-log sigma)`` (the grid already holds these times). Each step::
 
         d = eps_hat(x_i, t_i);  x' = x_hat + (sigma_{i+1} - sigma_i) d;  d' = eps_hat(m_{i+1} x', t_{i+1})
         x_hat <- x_hat + (sigma_{i+1} - sigma_i) (d + d') / 2
 
-    Ends at ``sigma(eps) > 0``, so every step is a Heun step: ``2 steps`` score calls. Returns ``m(eps) x_hat``.
+    Ends at ``sigma(eps) > 0``, so every step is a Heun step: ``2 steps`` score calls (+ 1 with ``denoise``: Tweedie at
+    ``eps``). Deterministic (``noise`` unused). Returns ``x_0 = m(eps) x_hat`` ``(B, *dims)`` and ``info`` (``steps``, ``eps``).
     """
-    tl = ts.tolist()
+    eps = end_time(sde, eps)
+    tl = time_grid(sde, steps, eps, schedule, rho).tolist()
     ms = [coef(sde, t) for t in tl]
     sig = [s / m for m, s in ms]
     xh = x / ms[0][0]
-    for i in progress_bar(len(tl) - 1, progress, "heun"):
+    for i in progress_bar(steps, progress, "heun"):
         dsig = sig[i + 1] - sig[i]
         d = _eps_hat(score_fn, sde, ms[i][0] * xh, tl[i])
         xp = xh + dsig * d
         d2 = _eps_hat(score_fn, sde, ms[i + 1][0] * xp, tl[i + 1])
         xh = xh + dsig * 0.5 * (d + d2)
-        if trajectory is not None:
-            trajectory.append(ms[i + 1][0] * xh)
-    return ms[-1][0] * xh
+        if callback is not None:
+            callback(ms[i + 1][0] * xh, tl[i + 1])
+    x = ms[-1][0] * xh
+    if denoise:
+        x = final_denoise(score_fn, sde, x, eps, callback)
+    return x, {"steps": steps, "eps": eps}

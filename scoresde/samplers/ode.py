@@ -1,31 +1,46 @@
 """Probability-flow ODE sampling (Song et al. 2021, eq. 13) with torchdiffeq or scipy.
 
-    dx/dt = f(x, t) - 1/2 g(t)^2 score(x, t),   integrated from t = T down to t = eps.
+    dx/dt = F(x, t) = f(x, t) - 1/2 g(t)^2 score(x, t),   integrated from t = T down to t = eps.
+
+``probability_flow_drift`` (``F``), the solver names and the adaptive solvers' error control are shared with
+``scoresde.likelihood``, which integrates the same ODE forward in time.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..sde import SDE
-from ._common import ScoreFn, full_t
+from ._common import Callback, Noise, ScoreFn, end_time, final_denoise, full_t, time_grid
 
-__all__ = ["ADAPTIVE_ODE_METHODS", "FIXED_ODE_METHODS", "ODE_METHODS", "ERROR_NORMS", "probability_flow_drift", "sample_ode",
-           "per_sample_rms_norm"]
+__all__ = ["TORCHDIFFEQ_ADAPTIVE", "TORCHDIFFEQ_FIXED", "ADAPTIVE_ODE_METHODS", "FIXED_ODE_METHODS", "ODE_METHODS", "ERROR_NORMS",
+           "FIXED_GRID_STEPS", "probability_flow_drift", "odeint_options", "per_sample_rms_norm", "sample_ode"]
 
-ADAPTIVE_ODE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "scipy_rk45")
-FIXED_ODE_METHODS = ("euler", "midpoint", "rk4")
+# torchdiffeq's solvers: adaptive (step sizes from rtol/atol) and fixed-grid (steps on the given grid or a step_size)
+TORCHDIFFEQ_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+TORCHDIFFEQ_FIXED = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+# the sampler's ``ode_method``: torchdiffeq's solvers and scipy's RK45 (the likelihood takes torchdiffeq's only)
+ADAPTIVE_ODE_METHODS = TORCHDIFFEQ_ADAPTIVE + ("scipy_rk45",)
+FIXED_ODE_METHODS = TORCHDIFFEQ_FIXED
 ODE_METHODS = ADAPTIVE_ODE_METHODS + FIXED_ODE_METHODS
 # error norm of an adaptive solve of a batch (here and in ``scoresde.likelihood``): ``"per_sample"`` is
 # ``per_sample_rms_norm`` (the tolerance holds for every sample), ``"batch"`` torchdiffeq's RMS over the whole state
 ERROR_NORMS = ("per_sample", "batch")
+# steps of a fixed-grid ``ode_method`` when ``steps=None`` (the adaptive methods choose their own)
+FIXED_GRID_STEPS = 100
 
 
 def probability_flow_drift(score_fn: ScoreFn, sde: SDE, t_min: float = 0.0):
-    """``F(t, x) = f(x, t) - 1/2 g(t)^2 score(x, t)`` with scalar ``t``, ``x (B, *dims)`` -> shape of ``x`` (one score call).
+    """The probability-flow ODE's drift as a solver's right-hand side::
 
-    ``t`` is clamped to ``[t_min, T]`` (a solver's initial-step heuristic may probe beyond the interval)."""
+        F(t, x) = f(x, t) - 1/2 g(t)^2 score(x, t)
+
+    ``t`` a Python float or 0-d tensor, ``x`` ``(B, *dims)`` -> shape of ``x``; one score call. ``t`` is clamped
+    to ``[t_min, T]`` (a solver's initial-step heuristic may probe beyond the interval: seen at t = 1.6 under VE).
+    The one implementation for the sampler (``sample_ode``) and the likelihood (``log_likelihood``)."""
     rsde = sde.reverse(score_fn, probability_flow=True)
 
     def F(t, x):
@@ -37,7 +52,8 @@ def probability_flow_drift(score_fn: ScoreFn, sde: SDE, t_min: float = 0.0):
 
 def per_sample_rms_norm(batch: int):
     """Error norm for torchdiffeq: the largest per-sample RMS, so the tolerance holds for every sample
-    (torchdiffeq's default RMS over the whole batch only controls the average sample)."""
+    (torchdiffeq's default RMS over the whole batch only controls the average sample). The state's
+    first dimension must be the batch."""
 
     def norm(v: torch.Tensor) -> torch.Tensor:
         return v.reshape(batch, -1).pow(2).mean(1).sqrt().max()
@@ -45,20 +61,44 @@ def per_sample_rms_norm(batch: int):
     return norm
 
 
-def sample_ode(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Tensor, ode_method: str = "dopri5", rtol: float = 1e-5,
-               atol: float = 1e-5, error_norm: str = "per_sample", trajectory: list | None = None) -> tuple[torch.Tensor, dict]:
-    """Integrate the probability-flow ODE from ``x_T`` (``(B, *dims)``) at ``ts[0] = T`` to ``ts[-1] = eps``.
+def odeint_options(batch: int, t_end: torch.Tensor, error_norm: str, options: Optional[dict] = None) -> dict:
+    """torchdiffeq ``options`` of an adaptive solve of a batch, on top of ``options``: ``step_t = t_end``
+    (``(1,)``: land a step exactly on the end point, so no stage evaluates the score beyond it; torchdiffeq
+    otherwise steps past and interpolates) and, for ``error_norm="per_sample"``, ``norm = per_sample_rms_norm``.
+    Entries already in ``options`` win."""
+    opts = dict(options or {})
+    if error_norm == "per_sample":
+        opts.setdefault("norm", per_sample_rms_norm(batch))
+    opts.setdefault("step_t", t_end)
+    return opts
 
-    * fixed-grid ``euler``/``midpoint``/``rk4`` (torchdiffeq; rk4 is its 3/8-rule 4th-order method) step on the grid ``ts``;
-    * adaptive torchdiffeq methods (``dopri5`` ...) use ``rtol``/``atol`` and output at ``ts``; ``error_norm``
-      ``"per_sample"`` (default, max over samples of the per-sample RMS) or ``"batch"`` (torchdiffeq's RMS over all);
+
+def sample_ode(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[Noise] = None, callback: Optional[Callback] = None,
+               progress: bool = False, /, *, steps: Optional[int] = None, eps: Optional[float] = None, denoise: bool = False,
+               ode_method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, error_norm: str = "per_sample",
+               trajectory_points: int = 11) -> tuple[torch.Tensor, dict]:
+    """Integrate the probability-flow ODE ``dx/dt = F(x, t)`` from ``x = x_T`` ``(B, *dims)`` at ``T`` to ``eps``.
+
+    * fixed-grid ``ode_method`` (``FIXED_ODE_METHODS``; ``rk4`` is torchdiffeq's 3/8-rule 4th-order method): ``steps``
+      steps on the uniform grid ``time_grid(sde, steps, eps)`` (``steps=None``: ``FIXED_GRID_STEPS``);
+    * adaptive torchdiffeq methods (``dopri5`` ...): ``steps`` must be ``None``; tolerances ``rtol``/``atol`` (1e-5 as
+      in the paper) with ``error_norm`` ``"per_sample"`` (max over samples of the per-sample RMS) or ``"batch"``
+      (torchdiffeq's RMS over all); with a ``callback`` the states at ``trajectory_points`` times uniform in ``[eps, T]``;
     * ``scipy_rk45``: ``scipy.integrate.solve_ivp(method="RK45")`` on the flattened batch in float64
       (the paper's setting; its RMS error norm is over the whole batch).
 
-    Returns ``x_eps`` (shape of ``x``) and an info dict. Appends the states at ``ts[1:]`` to ``trajectory``.
+    ``eps=None``: ``default_eps(sde)``; ``denoise``: Tweedie's denoising at ``eps`` afterwards (off by default).
+    ``noise`` and ``progress`` are unused (deterministic, no progress bar). Returns ``x_0`` (shape of ``x``) and
+    ``info`` (``steps``, ``eps``, ``ode_method``, the tolerances and ``error_norm`` used, ``scipy_nfev``).
     """
-    F = probability_flow_drift(score_fn, sde, float(ts[-1]))
-    info = {"ode_method": ode_method}
+    eps = end_time(sde, eps)
+    if ode_method in FIXED_ODE_METHODS:
+        steps = FIXED_GRID_STEPS if steps is None else steps
+        ts = time_grid(sde, steps, eps)
+    else:
+        ts = torch.linspace(float(sde.T), eps, trajectory_points if callback is not None else 2, dtype=torch.float64)
+    F = probability_flow_drift(score_fn, sde, eps)
+    info = {"steps": steps, "eps": eps, "ode_method": ode_method}
     if ode_method not in FIXED_ODE_METHODS:
         info.update(rtol=rtol, atol=atol, error_norm="batch" if ode_method == "scipy_rk45" else error_norm)
     if ode_method == "scipy_rk45":
@@ -85,11 +125,11 @@ def sample_ode(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Tensor, o
         if ode_method in FIXED_ODE_METHODS:
             xs = odeint(F, x, tt, method=ode_method)
         else:
-            # step_t: land a step exactly on eps, so no stage is evaluated beyond it (torchdiffeq otherwise steps past and interpolates)
-            options = {"step_t": tt[-1:]}
-            if error_norm == "per_sample":
-                options["norm"] = per_sample_rms_norm(x.shape[0])
-            xs = odeint(F, x, tt, rtol=rtol, atol=atol, method=ode_method, options=options)
-    if trajectory is not None:
-        trajectory.extend(xs[1:])
-    return xs[-1], info
+            xs = odeint(F, x, tt, rtol=rtol, atol=atol, method=ode_method, options=odeint_options(x.shape[0], tt[-1:], error_norm))
+    if callback is not None:
+        for xi, ti in zip(xs[1:], ts.tolist()[1:]):
+            callback(xi, ti)
+    x = xs[-1]
+    if denoise:
+        x = final_denoise(score_fn, sde, x, eps, callback)
+    return x, info

@@ -6,19 +6,23 @@ targeting ``p_s``. Every predictor/corrector is a small function; ``sample_pc`` 
 
 Predictor signature: ``predictor(score_fn, sde, x, t, s, noise, probability_flow) -> x``.
 Corrector signature: ``corrector(score_fn, sde, x, t, noise, snr, n_steps) -> x``.
+The step functions trust their arguments; ``sample`` validates every option once, before any step.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from ..sde import SDE, batch_broadcast
-from ._common import Noise, ScoreFn, coef, denoise, full_t, langevin_alpha, progress_bar, transition
+from ._common import (
+    Callback, Noise, ScoreFn, coef, end_time, final_denoise, full_t, langevin_alpha, progress_bar, time_grid, transition,
+)
 
 __all__ = [
-    "PREDICTORS", "CORRECTORS", "euler_maruyama_step", "reverse_diffusion_step", "ancestral_step",
+    "PREDICTORS", "PROBABILITY_FLOW_PREDICTORS", "CORRECTORS", "euler_maruyama_step", "reverse_diffusion_step", "ancestral_step",
     "langevin_corrector", "annealed_langevin_corrector", "sample_pc", "sample_langevin",
 ]
 
@@ -65,10 +69,9 @@ def ancestral_step(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, s: fl
         x_s = (x_t + G^2 score(x_t, t)) / a + sqrt(G^2 s(s)^2 / s(t)^2) z
 
     VP: DDPM's step (Ho et al. 2020, Alg. 2, with the posterior variance ``beta_tilde``); VE: SMLD's
-    ancestral step (Song et al. 2021, eq. 47); sub-VP: the same construction. No probability-flow version.
+    ancestral step (Song et al. 2021, eq. 47); sub-VP: the same construction. It has no probability-flow version
+    (not in ``PROBABILITY_FLOW_PREDICTORS``): ``probability_flow`` must be ``False`` (``check_method_options`` says so).
     """
-    if probability_flow:
-        raise ValueError("probability_flow=True is not available for predictor 'ancestral'; use 'euler_maruyama' or 'reverse_diffusion'")
     a, G2 = transition(sde, s, t)
     _, ss = coef(sde, s)
     _, st = coef(sde, t)
@@ -78,6 +81,8 @@ def ancestral_step(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, s: fl
 
 
 PREDICTORS = {"euler_maruyama": euler_maruyama_step, "reverse_diffusion": reverse_diffusion_step, "ancestral": ancestral_step, "none": None}
+# predictors with a probability-flow (ODE) version, ``probability_flow=True``
+PROBABILITY_FLOW_PREDICTORS = ("euler_maruyama", "reverse_diffusion")
 
 
 # --- correctors -------------------------------------------------------------------------------
@@ -135,20 +140,30 @@ CORRECTORS = {"langevin": langevin_corrector, "annealed_langevin": annealed_lang
 
 
 # --- samplers ---------------------------------------------------------------------------------
-def sample_pc(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Tensor, noise: Noise, predictor: str = "reverse_diffusion",
-              corrector: str = "langevin", snr: float = 0.16, n_steps: int = 1, probability_flow: bool = False,
-              denoise_last: bool = True, progress: bool = False, trajectory: list | None = None,
-              langevin_norm: str = "batch") -> torch.Tensor:
-    """Predictor–corrector sampler (Song et al. 2021, Alg. 1) on the grid ``ts`` (``(steps+1,)``, decreasing to eps).
+def sample_pc(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Noise, callback: Optional[Callback] = None, progress: bool = False, /, *,
+              steps: Optional[int] = None, eps: Optional[float] = None, denoise: bool = True, schedule: str = "time_uniform",
+              rho: float = 7.0, predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
+              n_steps: int = 1, probability_flow: bool = False, langevin_norm: Optional[str] = None) -> tuple[torch.Tensor, dict]:
+    """Predictor–corrector sampler (Song et al. 2021, Alg. 1) from ``x = x_T`` ``(B, *dims)`` at ``T`` to ``eps``.
 
-    For ``i = 0 .. steps-1``: predictor ``t_i -> t_{i+1}``, then ``n_steps`` corrector steps at ``t_{i+1}``.
-    Finally, with ``denoise_last``, Tweedie's denoising ``x <- (x + s^2 score) / m`` at ``eps``.
-    ``x`` is ``x_T`` ``(B, *dims)``; returns ``x_0`` of the same shape. Appends each state to ``trajectory``.
-    ``langevin_norm`` is passed to ``langevin_corrector``.
+    On the grid ``T = t_0 > ... > t_steps = eps`` (``time_grid(sde, steps, eps, schedule, rho)``), for each
+    ``i``: ``predictor`` ``t_i -> t_{i+1}`` (``PREDICTORS``; with ``probability_flow`` a step of the
+    probability-flow ODE), then ``n_steps`` steps of ``corrector`` (``CORRECTORS``) at ``t_{i+1}`` with
+    signal-to-noise ratio ``snr``. Finally, with ``denoise``, Tweedie's ``x <- (x + s^2 score) / m`` at ``eps``.
+
+    ``steps=None``: ``sde.N`` (the paper's 1000 for VP); ``eps=None``: ``default_eps(sde)``;
+    ``langevin_norm=None``: ``"sample"`` with per-sample generators (batch-independent samples), else
+    ``"batch"`` (score_sde's), see ``langevin_corrector``. NFE: ``steps`` (predictor) + ``steps * n_steps``
+    (corrector) + 1 (``denoise``). Returns ``x_0`` ``(B, *dims)`` and ``info`` (the resolved ``steps``, ``eps``,
+    ``langevin_norm``). Options are not checked here: ``sample`` checks them once (``check_sample_options``).
     """
+    steps = sde.N if steps is None else steps
+    eps = end_time(sde, eps)
+    if langevin_norm is None:
+        langevin_norm = "sample" if noise.generators is not None else "batch"
     pred, corr = PREDICTORS[predictor], CORRECTORS[corrector]
-    tl = ts.tolist()
-    for i in progress_bar(len(tl) - 1, progress, f"pc {predictor}/{corrector}"):
+    tl = time_grid(sde, steps, eps, schedule, rho).tolist()
+    for i in progress_bar(steps, progress, f"pc {predictor}/{corrector}"):
         t, s = tl[i], tl[i + 1]
         if pred is not None:
             x = pred(score_fn, sde, x, t, s, noise, probability_flow)
@@ -156,26 +171,32 @@ def sample_pc(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Tensor, no
             x = corr(score_fn, sde, x, s, noise, snr, n_steps, langevin_norm)
         elif corr is not None:
             x = corr(score_fn, sde, x, s, noise, snr, n_steps)
-        if trajectory is not None:
-            trajectory.append(x)
-    if denoise_last:
-        x = denoise(score_fn, sde, x, tl[-1])
-    return x
+        if callback is not None:
+            callback(x, s)
+    if denoise:
+        x = final_denoise(score_fn, sde, x, eps, callback)
+    return x, {"steps": steps, "eps": eps, "langevin_norm": langevin_norm}
 
 
-def sample_langevin(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, ts: torch.Tensor, noise: Noise, snr: float = 0.16, n_steps: int = 10,
-                    denoise_last: bool = True, progress: bool = False, trajectory: list | None = None) -> torch.Tensor:
-    """Annealed Langevin dynamics alone (NCSN; Song & Ermon 2019, Alg. 1), over the noise levels ``t_1 .. t_steps``.
+def sample_langevin(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Noise, callback: Optional[Callback] = None, progress: bool = False,
+                    /, *, steps: int = 100, eps: Optional[float] = None, denoise: bool = True, schedule: str = "logSNR",
+                    rho: float = 7.0, snr: float = 0.3, n_steps: int = 10) -> tuple[torch.Tensor, dict]:
+    """Annealed Langevin dynamics alone (NCSN; Song & Ermon 2019, Alg. 1) over the noise levels ``t_1 .. t_steps``
+    of ``time_grid(sde, steps, eps, schedule, rho)`` (default uniform in log-SNR), from ``x = x_T`` ``(B, *dims)``.
 
     At each level ``n_steps`` steps ``x <- x + e score + sqrt(2 e) z`` with ``e = 2 alpha (snr s(t))^2``
-    (NCSN's ``alpha_i = lr sigma_i^2 / sigma_L^2`` step is this with ``lr / sigma_L^2 = 4 snr^2``);
-    then Tweedie's denoising at ``eps`` with ``denoise_last``. Shapes as ``sample_pc``.
+    (``annealed_langevin_corrector``; NCSN's ``alpha_i = lr sigma_i^2 / sigma_L^2`` step is this with
+    ``lr / sigma_L^2 = 4 snr^2``); then, with ``denoise``, Tweedie's denoising at ``eps`` (``None``:
+    ``default_eps(sde)``). The default ``snr = 0.3`` is larger than PC's 0.16: with no predictor the chain
+    must mix at every level by itself. NFE: ``steps * n_steps`` (+ 1). Returns ``x_0`` ``(B, *dims)`` and
+    ``info`` (``steps``, ``eps``).
     """
-    tl = ts.tolist()
-    for i in progress_bar(len(tl) - 1, progress, "annealed langevin"):
+    eps = end_time(sde, eps)
+    tl = time_grid(sde, steps, eps, schedule, rho).tolist()
+    for i in progress_bar(steps, progress, "annealed langevin"):
         x = annealed_langevin_corrector(score_fn, sde, x, tl[i + 1], noise, snr, n_steps)
-        if trajectory is not None:
-            trajectory.append(x)
-    if denoise_last:
-        x = denoise(score_fn, sde, x, tl[-1])
-    return x
+        if callback is not None:
+            callback(x, tl[i + 1])
+    if denoise:
+        x = final_denoise(score_fn, sde, x, eps, callback)
+    return x, {"steps": steps, "eps": eps}
