@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from .data.transforms import scale_affine, uniform_dequantize
 from .sde import SDE, VPSDE, batch_broadcast
-from .samplers.ode import ERROR_NORMS, per_sample_rms_norm
+from .samplers._common import CountingScore
+from .samplers.ode import ERROR_NORMS, TORCHDIFFEQ_ADAPTIVE, TORCHDIFFEQ_FIXED, odeint_options, probability_flow_drift
 from ._validate import check_choice, check_int, check_positive
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
     "BPDResult",
     "ELBOResult",
     "log_likelihood",
-    "ode_drift",
     "bits_per_dim",
     "dequantized_bits_per_dim",
     "evaluate_bpd",
@@ -51,8 +51,8 @@ __all__ = [
     "discretized_gaussian_log_likelihood",
 ]
 
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+# ``method``: torchdiffeq's solvers (the sampler's lists, less scipy's RK45, which cannot carry the divergence)
+METHODS = TORCHDIFFEQ_ADAPTIVE + TORCHDIFFEQ_FIXED
 DIVERGENCES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
 # ``log_likelihood`` options checked by ``check_likelihood_options``
@@ -149,14 +149,6 @@ def _logmeanexp(a: torch.Tensor, dim: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # the probability-flow ODE and its divergence
 # --------------------------------------------------------------------------------------------
-def ode_drift(score_fn, sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Probability-flow drift ``f~(x, t) = f(x, t) - 1/2 g(t)^2 s(x, t)``.
-
-    ``x``: ``(B, *dims)``; ``t``: ``(B,)``. Returns a tensor shaped like ``x``.
-    """
-    return sde.reverse(score_fn, probability_flow=True).sde(x, t)[0]
-
-
 def _default_chunk(B: int, D: int) -> int:
     """Basis vectors per vectorised VJP batch: keep ``chunk * B * D`` near 2^22 elements."""
     return max(1, min(D, (1 << 22) // max(1, B * D)))
@@ -222,7 +214,7 @@ def check_likelihood_options(
     ``log_likelihood`` and ``evaluate_bpd`` call it before any work; so does the config layer."""
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("noise", noise, NOISES)
-    check_choice("method", method, ADAPTIVE_METHODS + FIXED_METHODS)
+    check_choice("method", method, METHODS)
     check_choice("error_norm", error_norm, ERROR_NORMS)
     check_int("probes", probes)
     check_positive("rtol", rtol)
@@ -307,34 +299,26 @@ def log_likelihood(
     V = _draw_probes(P, x, noise, generator) if divergence == "hutchinson" else None
     chunk = chunk_size or _default_chunk(B, D)
 
-    calls = [0]
-
-    def counted_score(y, t):
-        calls[0] += 1
-        return score_fn(y, t)
-
+    counted = CountingScore(score_fn)
+    # f~(t, x), t clamped to [eps, T]: torchdiffeq's initial-step heuristic may probe beyond T (seen at t = 1.6 under VE)
+    drift = probability_flow_drift(counted, sde, eps)
     bar = tqdm(total=float(sde.T - eps), disable=not progress, desc="PF-ODE", unit="t")
 
     def rhs(t, state):
         y = state[:, :D].reshape(shape)
-        # clamp: torchdiffeq's initial-step heuristic may probe beyond T (seen at t = 1.6 under VE)
-        tb = t.clamp(eps, sde.T).expand(B)
         if progress and bar.n < float(t) - eps:
             bar.update(float(t) - eps - bar.n)
         if V is None:
             chunks = [functools.partial(_basis_chunk, y, i, min(D, i + chunk)) for i in range(0, D, chunk)]
         else:
             chunks = [lambda: V]
-        dy, quad = _drift_and_vjps(lambda u: ode_drift(counted_score, sde, u, tb), y, chunks, vectorize)
+        dy, quad = _drift_and_vjps(lambda u: drift(t, u), y, chunks, vectorize)
         ddelta = quad.sum(0, keepdim=True) if V is None else quad  # (P, B)
         return torch.cat([dy.reshape(B, D), ddelta.T], dim=1)
 
     ts = torch.tensor([eps, sde.T], device=x.device, dtype=x.dtype)
-    opts = dict(options or {})
-    if method in ADAPTIVE_METHODS:
-        if error_norm == "per_sample":
-            opts.setdefault("norm", per_sample_rms_norm(B))
-        opts.setdefault("step_t", ts[1:])  # land on T exactly: never evaluate the score beyond T
+    # adaptive: land on T exactly (never evaluate the score beyond T), per-sample error control as the sampler's
+    opts = odeint_options(B, ts[1:], error_norm, options) if method in TORCHDIFFEQ_ADAPTIVE else dict(options or {})
     state0 = torch.cat([x.detach().reshape(B, D), torch.zeros(B, P, device=x.device, dtype=x.dtype)], dim=1)
     try:
         with torch.no_grad():
@@ -352,7 +336,7 @@ def log_likelihood(
     return LikelihoodResult(
         logp=logp,
         z=z,
-        nfe=calls[0],
+        nfe=counted.calls,
         stderr=stderr,
         prior_logp=prior,
         delta_logp=deltas.mean(1),

@@ -22,6 +22,8 @@ from scoresde.likelihood import (
     evaluate_elbo,
     log_likelihood,
 )
+from scoresde.samplers import CountingScore, sample
+from scoresde.samplers.ode import ADAPTIVE_ODE_METHODS, FIXED_ODE_METHODS, TORCHDIFFEQ_ADAPTIVE, TORCHDIFFEQ_FIXED
 
 F64 = torch.float64
 EPS = 1e-5
@@ -180,15 +182,6 @@ def test_same_seed_same_numbers():
 # ------------------------------------------------------------------------------------------
 # NFE and input validation
 # ------------------------------------------------------------------------------------------
-class CountingScore:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return self.fn(x, t)
-
-
 @pytest.mark.parametrize(
     "kw",
     [dict(divergence="exact"), dict(divergence="hutchinson", probes=4), dict(divergence="exact", method="rk4", options=dict(step_size=0.1))],
@@ -232,6 +225,27 @@ def test_log_likelihood_rejects_bad_arguments(kw, exc, word):
     assert str(alone.value) == str(in_solve.value)
     with pytest.raises(exc, match=word):
         evaluate_bpd(_never, VPSDE(), (torch.zeros(3, 2, dtype=torch.long) for _ in range(0)), levels=4, **kw)
+
+
+def test_solver_names_are_the_samplers():
+    """One list of ODE solvers: the likelihood takes every torchdiffeq solver the sampler takes (scipy's RK45,
+    which cannot carry the divergence, is the sampler's only extra)."""
+    assert set(ADAPTIVE_ODE_METHODS) - set(TORCHDIFFEQ_ADAPTIVE) == {"scipy_rk45"} and FIXED_ODE_METHODS == TORCHDIFFEQ_FIXED
+    for method in TORCHDIFFEQ_ADAPTIVE + TORCHDIFFEQ_FIXED:
+        check_likelihood_options(method=method)
+    with pytest.raises(ValueError, match="method"):
+        check_likelihood_options(method="scipy_rk45")
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(sigma_min=0.01, sigma_max=20.0)], ids=["vp", "ve"])
+def test_likelihood_and_sampler_integrate_the_same_ode(sde):
+    """The likelihood's latent ``z = x(T)``, integrated back by the sampler's probability-flow ODE (the same drift
+    function), returns the data: PF-ODE round trip to the solvers' tolerance."""
+    gm = mixture(2)
+    x = gm.sample(8, gen(12), dtype=F64)
+    res = log_likelihood(gm.score_fn(sde), sde, x, divergence="exact", rtol=1e-10, atol=1e-10, eps=EPS)
+    back = sample(gm.score_fn(sde), sde, x.shape, method="ode", x_T=res.z, rtol=1e-10, atol=1e-10, eps=EPS)
+    torch.testing.assert_close(back.x, x, rtol=0, atol=1e-6)
 
 
 def test_bad_data_rejected():
