@@ -7,7 +7,7 @@ This module and ``scoresde/cli.py`` are the only places that know Hydra/OmegaCon
   (``build.DATA_ARGS``), plus ``parameterization`` (``auto``: the SDE's usual one, ``build.default_parameterization``);
 * ``sampler/<option>``: ``method`` plus the keyword options of that sampler function (``samplers.METHOD_OPTIONS``,
   typed by ``samplers.option_types``);
-* ``train``: the fields of ``scoresde.train.TrainOptions`` (but ``seed``, ``select_*``) and the keyword arguments
+* ``train``: the fields of ``scoresde.train.TrainOptions`` (``seed`` is the app's top-level one) and the arguments
   of ``scoresde.losses.get_loss_fn`` (``continuous``, ``weighting``, ``importance_sampling``, ``reduce``, ``eps``);
 * ``data``, ``eval``, ``compare``: the library dataclasses ``runs.DataOptions``, ``evaluate.EvalOptions``,
   ``compare.CompareOptions`` themselves.
@@ -22,6 +22,7 @@ own checks are the rules; their ``ValueError`` comes back as ``ConfigError`` nam
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import inspect
 import re
@@ -54,7 +55,7 @@ class ConfigError(ValueError):
 def _config_type(tp):
     """A signature's annotation as a type OmegaConf accepts: tuples become lists."""
     origin = typing.get_origin(tp)
-    if tp is tuple or origin is tuple:
+    if tp in (tuple, list) or origin in (tuple, list, collections.abc.Sequence):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         return List[args[0] if args else Any]
     if origin is typing.Union:
@@ -123,7 +124,7 @@ MODEL_SCHEMAS["oracle"] = _make_schema("OracleModelSchema", {"name": (str, "orac
 SAMPLER_SCHEMAS = {m: _make_schema(f"{_title(m)}SamplerSchema", {"method": (str, m)},
                                    {k: (samplers.option_types(m)[k], d) for k, d in samplers.METHOD_OPTIONS[m].items()})
                    for m in samplers.METHODS}
-_TRAIN_APP_FIELDS = ("seed", "select_metric", "select_mode")  # set by the app, not configured
+_TRAIN_APP_FIELDS = ("seed",)  # the app's top-level ``seed``
 _LOSS_FIELDS = _signature_fields(get_loss_fn, ("sde",))
 TrainSchema = _make_schema("TrainSchema", {}, {
     **{f.name: (typing.get_type_hints(TrainOptions)[f.name], f.default) for f in fields(TrainOptions) if f.name not in _TRAIN_APP_FIELDS},
@@ -264,10 +265,13 @@ def _data_shape(d: DataOptions) -> tuple:
 
 def _split_train(node) -> tuple[TrainOptions, dict]:
     """``(TrainOptions, get_loss_fn kwargs)`` of the ``train`` node; with ``eval_every > 0`` the app keeps the best
-    EMA weights by validation loss (``select_metric="val_loss"``)."""
+    EMA weights by validation loss unless told otherwise (``select_metric`` null -> ``"val_loss"``, the metric the
+    app evaluates)."""
     kw = _group_kwargs(node, "")
     loss = {k: kw.pop(k) for k in _LOSS_FIELDS}
-    return TrainOptions(**kw, select_metric="val_loss" if kw["eval_every"] > 0 else None), loss
+    if kw["eval_every"] > 0 and kw["select_metric"] is None:
+        kw["select_metric"] = "val_loss"
+    return TrainOptions(**kw), loss
 
 
 def _check_model(c, sde, data: DataOptions, loss: dict):
