@@ -5,8 +5,11 @@ chosen by ``scoresde.model.ScoreModel.net_time``; the network does not know what
 (ε, score, ...): ``ScoreModel`` does.
 """
 
+from .ddpm import DDPM
 from .layers import GaussianFourierEmbedding, SinusoidalEmbedding, group_count
 from .mlp import MLPScoreNet
+from .ncsnpp import NCSNpp
 from .unet import UNet
 
 __all__ = ["SinusoidalEmbedding", "GaussianFourierEmbedding", "MLPScoreNet", "UNet", "group_count"]
+__all__ += ["NCSNpp", "DDPM"]
