@@ -1,0 +1,1 @@
+"""Small score_sde-style config package for tests (see default_small_configs.py)."""
