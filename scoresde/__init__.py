@@ -10,3 +10,6 @@ from .samplers import SampleResult, sample
 
 __all__ += ["sample", "SampleResult"]
 __version__ = "0.1.0"
+from .build import load
+
+__all__ += ["load"]

@@ -4,13 +4,14 @@ Each Hydra app composes its config from ``scoresde/configs`` (schemas: ``scoresd
 before any work, turns it into plain objects (``config.to_run``) and hands them to the library
 (``scoresde.runs``, ``scoresde.compare``, ``scoresde.report``). Messages go through ``logging`` (logger
 ``scoresde``), so Hydra's ``<run dir>/<app>.log`` holds what the console showed. A user error (a bad config
-value, a missing file) prints one line and exits with status 2.
+value, a missing file) prints one line and exits with status 2 (the traceback with ``HYDRA_FULL_ERROR=1``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,11 +38,16 @@ def _hydra_app(config_name: str, run_fn: Callable) -> Callable:
         from hydra.core.hydra_config import HydraConfig
 
         try:
-            plain = C.to_run(C.validate(cfg))  # every check before any work
+            obj = C.validate(cfg)  # every check before any work
+            if isinstance(obj, C.SampleAppConfig):
+                C.check_sampler_against_run(obj)
+            plain = C.to_run(obj)
             metrics = run_fn(plain, Path(HydraConfig.get().runtime.output_dir))
         except C.ConfigError as e:
             _fail(f"Config error: {e}")
-        except FileNotFoundError as e:
+        except (ValueError, FileNotFoundError) as e:  # a user error found once the run is loaded (a sampler its SDE
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":  # cannot use, a missing or corrupt file, ...)
+                raise
             _fail(f"Error: {e}")
         r = (metrics or {}).get("nll", {}).get("test") if isinstance(metrics, dict) else None
         return r["bpd"] if r else None  # a scalar a sweeper could minimise

@@ -312,6 +312,22 @@ def check_sampler(sampler: dict, sde, prefix: str = "sampler") -> dict:
     return sampler
 
 
+def check_sampler_against_run(c) -> None:
+    """``scoresde-sample``: the sampler checked against the SDE of the run ``c.ckpt`` (read from its spec: no
+    weights, no data), so a sampler the trained SDE cannot use fails naming ``sampler.<option>`` before any work."""
+    from pathlib import Path
+
+    from .runs import legacy_spec, read_spec
+
+    p = Path(c.ckpt).expanduser()
+    if not p.exists():
+        return  # reported by the run, naming the path
+    run_dir = p if p.is_dir() else p.parent
+    spec = read_spec(run_dir) or legacy_spec(run_dir)
+    if spec is not None:
+        check_sampler(_sampler_dict(c.sampler), build.build_sde(spec["sde"]["name"], **spec["sde"]["kwargs"]))
+
+
 def validate(cfg):
     """Convert a composed app config to its dataclasses and check every field (before any data is loaded).
 

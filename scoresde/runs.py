@@ -218,7 +218,8 @@ def _oracle():
     return default_gmm(2)
 
 
-def _run_spec(run_dir: Path) -> Optional[dict]:
+def read_spec(run_dir: Path) -> Optional[dict]:
+    """The run's ``spec.json`` (``None`` if it has none)."""
     p = run_dir / SPEC_NAME
     return json.loads(p.read_text()) if p.is_file() else None
 
@@ -234,7 +235,7 @@ def load_run(ckpt: str, device, dtype, use_ema: bool = True) -> LoadedRun:
     run_dir = p if p.is_dir() else p.parent
     if not p.exists():
         raise FileNotFoundError(f"ckpt: no such file or directory: {ckpt!r} (give a scoresde-train run directory or a checkpoint file)")
-    spec = _run_spec(run_dir) or legacy_spec(run_dir)
+    spec = read_spec(run_dir) or legacy_spec(run_dir)
     if spec is None:
         raise FileNotFoundError(f"ckpt: {str(run_dir)!r} has no {SPEC_NAME} or {CONFIG_NAME} (is it a scoresde-train run directory?)")
     data = DataOptions(**spec["data"]["options"])

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scoresde.cli import collate_runs, nll_main, report_main, sample_main, train_main
+from scoresde.cli import nll_main, report_main, sample_main, train_main
+from scoresde.report import collate_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train=tiny", "eval=tiny", "progress=false"]
@@ -49,7 +50,7 @@ def mlp_run(tmp_path_factory):
 
 
 def test_train_writes_config_checkpoint_metrics_and_figure(mlp_run):
-    for name in ("config.yaml", "checkpoint.pt", "metrics.json", "metrics.jsonl", "samples.png", ".hydra/overrides.yaml"):
+    for name in ("config.yaml", "spec.json", "checkpoint.pt", "metrics.json", "metrics.jsonl", "samples.png", ".hydra/overrides.yaml"):
         assert (mlp_run / name).exists(), name
     assert is_png(mlp_run / "samples.png")
     m = metrics(mlp_run)
@@ -61,6 +62,9 @@ def test_train_writes_config_checkpoint_metrics_and_figure(mlp_run):
     t = m["nll"]["test"]
     assert t["n"] == 40 and math.isfinite(t["bpd"]) and t["bpd_stderr"] > 0
     assert torch.load(mlp_run / "samples.pt").shape == (16, 2)
+    # the apps log through ``logging``: Hydra's log file holds what the console showed
+    log = (mlp_run / "cli.log").read_text()
+    assert "test bits/dim (PF-ODE)" in log and "run directory" in log
 
 
 def test_oracle_run_nll_equals_the_exact_density(oracle_run):
@@ -133,6 +137,9 @@ def test_bad_override_fails_before_any_work(tmp_path, capsys):
         train_main(TINY_MLP + ["train.lr=-0.1", f"hydra.run.dir={d}"])
     assert e.value.code == 2
     assert "train.lr must be a finite number > 0; got -0.1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_main(TINY_MLP + ["train.n_iters=5", f"hydra.run.dir={d}"])  # an old name: the new one is named
+    assert e.value.code == 2 and "train.n_steps" in capsys.readouterr().err
     assert not (d / "checkpoint.pt").exists() and not (d / "metrics.json").exists()
     with pytest.raises(SystemExit):
         train_main(TINY_MLP + ["sde.sigma_max=3", f"hydra.run.dir={tmp_path / 'bad2'}"])
@@ -145,9 +152,9 @@ def test_bad_override_fails_before_any_work(tmp_path, capsys):
 def test_sampler_the_trained_sde_cannot_use_fails_before_sampling(mlp_run, tmp_path, capsys):
     out = tmp_path / "anc"
     with pytest.raises(SystemExit) as e:
-        sample_main(["ckpt=" + str(mlp_run), "sampler=ancestral", f"hydra.run.dir={out}"])  # mlp_run is sub-VP
+        sample_main(["ckpt=" + str(mlp_run), "sampler=pc", "sampler.eps=1.5", f"hydra.run.dir={out}"])  # eps must be < T
     assert e.value.code == 2
-    assert "sampler.predictor='ancestral' needs sde=vp or sde=ve" in capsys.readouterr().err
+    assert "sampler.eps" in capsys.readouterr().err
     assert not (out / "samples.pt").exists()
 
 
@@ -172,7 +179,7 @@ def test_compare_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("ddpm_vs_sde", ROOT / "experiments" / "ddpm_vs_sde.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--publish", str(tmp_path / "pub")] + TINY + ["train.n_iters=10", "train.eval_every=0", "train.warmup=2",
+    script.main(["--publish", str(tmp_path / "pub")] + TINY + ["train.n_steps=10", "train.eval_every=0", "train.warmup=2",
                          "train.batch_size=16", "data.n_train=64", "data.n_eval=6",
                          "model.hidden=16", "model.depth=1", "eval.n_samples=6",
                          "compare.variants=[ddpm,subvp,ve]",
@@ -183,7 +190,7 @@ def test_compare_tiny(tmp_path):
     rows = list(csv.DictReader(open(d / "comparison.csv")))
     assert [r["variant"] for r in rows] == ["ddpm", "subvp", "ve"]
     by = {r["variant"]: r for r in rows}
-    assert by["subvp"]["ancestral_nfe"] == ""  # ancestral sampling is n/a for sub-VP
+    assert by["subvp"]["fast_method"] == "dpm_solver" and by["ve"]["fast_nfe"] != ""
     assert float(by["ddpm"]["ancestral_nfe"]) == 51  # N = 50 steps + denoising
     assert by["ve"]["fast_method"] == "heun" and by["ddpm"]["fast_method"] == "dpm_solver"
     assert by["ddpm"]["elbo_bpd"] != "" and by["ve"]["elbo_bpd"] == ""  # ELBO for the VP chain only
@@ -195,25 +202,25 @@ def test_compare_tiny(tmp_path):
     assert "- commit: `" in pub and "- machine: " in pub and "| ddpm |" in pub
     assert (tmp_path / "pub" / "ddpm_vs_sde.csv").read_text() == (d / "comparison.csv").read_text()
     for v in ("ddpm", "subvp", "ve"):  # each variant dir is a complete train run
-        assert (d / v / "config.yaml").is_file() and (d / v / "checkpoint.pt").is_file()
+        assert (d / v / "spec.json").is_file() and (d / v / "checkpoint.pt").is_file()
         assert is_png(d / v / "samples_fast.png")
 
 
 def test_multirun_sweep_is_collated(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    train_main(["-m"] + TINY_MLP + ["eval.nll=false", "sde=vp,ve", "train.likelihood_weighting=false,true",
+    train_main(["-m"] + TINY_MLP + ["eval.nll=false", "sde=vp,ve", "train.weighting=default,likelihood",
                                     f"hydra.sweep.dir={sweep}"])
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert runs == ["0", "1", "2", "3"]
     rows = list(csv.DictReader(open(sweep / "report.csv")))  # written by the multirun-end callback
     assert len(rows) == 4
-    assert {(r["sde"], r["train.likelihood_weighting"].lower()) for r in rows} == {("vp", "false"), ("vp", "true"), ("ve", "false"), ("ve", "true")}
+    assert {(r["sde"], r["train.weighting"]) for r in rows} == {("vp", "default"), ("vp", "likelihood"), ("ve", "default"), ("ve", "likelihood")}
     assert all(r["samples.mmd2"] != "" for r in rows)
     assert is_png(sweep / "report.png")
     # scoresde-report on the same directory, elsewhere, with chosen metrics
     capsys.readouterr()
     report_main([str(sweep), "--out", str(tmp_path / "rep"), "--metrics", "samples.nfe_mean,train.final_loss", "--name", "t"])
-    assert "| run | sde | train.likelihood_weighting | samples.nfe_mean | train.final_loss |" in capsys.readouterr().out
+    assert "| run | sde | train.weighting | samples.nfe_mean | train.final_loss |" in capsys.readouterr().out
     res = collate_runs([sweep / "0", sweep / "3"], out_dir=tmp_path / "two")
     assert len(res["rows"]) == 2
 
@@ -257,15 +264,74 @@ def test_torchrun_data_parallel_train(tmp_path):
 def test_make_prepare_applies_the_noise_mixture_after_dequantisation():
     """``data.noise_mixture_prob`` reaches training: the same generator state gives the dequantised batch plus
     ``noise_mixture``'s draw; ``0`` (the default) leaves the dequantised batch alone."""
-    from scoresde import config as C
-    from scoresde.cli import make_prepare
+    from scoresde.runs import DataOptions, make_prepare
     from scoresde.data.transforms import noise_mixture, uniform_dequantize
 
     k = torch.randint(0, 17, (256, 64), generator=torch.Generator().manual_seed(0))
-    cfg = C.DataConfig(name="digits", noise_mixture_prob=0.5, noise_mixture_std_min=0.05, noise_mixture_std_max=0.2)
+    cfg = DataOptions(name="digits", noise_mixture_prob=0.5, noise_mixture_std_min=0.05, noise_mixture_std_max=0.2)
     got = make_prepare(cfg, 17, torch.float64)(k, torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
     want = noise_mixture(uniform_dequantize(k, 17, centered=True, generator=g, dtype=torch.float64), 0.5, 0.05, 0.2, generator=g)
     assert torch.equal(got, want)
-    plain = make_prepare(C.DataConfig(name="digits"), 17, torch.float64)(k, torch.Generator().manual_seed(1))
+    plain = make_prepare(DataOptions(name="digits"), 17, torch.float64)(k, torch.Generator().manual_seed(1))
     assert torch.equal(plain, uniform_dequantize(k, 17, centered=True, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+
+
+def test_load_rebuilds_a_run_bit_exactly_without_hydra(mlp_run, tmp_path):
+    """``scoresde.load`` rebuilds a saved run from its checkpoint alone (no YAML, no data) in a process that never
+    imports Hydra: the same score on the same input, bit for bit."""
+    from scoresde.build import load
+
+    model, sde = load(mlp_run)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0.1, 0.9, 5)
+    torch.save({"x": x, "t": t, "score": model.score_fn(x, t).detach()}, tmp_path / "ref.pt")
+    code = (
+        "import sys, torch, scoresde\n"
+        f"model, sde = scoresde.load({str(mlp_run / 'checkpoint.pt')!r})\n"
+        f"ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        "assert torch.equal(model.score_fn(ref['x'], ref['t']), ref['score'])\n"
+        "assert type(sde).__name__ == 'SubVPSDE' and not model.training\n"
+        "assert not any(m.split('.')[0] in ('hydra', 'omegaconf') for m in sys.modules), 'hydra imported'\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_run_directory_of_the_previous_release_still_loads(tmp_path, caplog):
+    """A run written before checkpoints carried their spec (old field names in config.yaml, no spec.json) is read
+    through the one translation table, with a note naming the renamed fields."""
+    import logging
+
+    import yaml
+
+    from scoresde.build import build_model, model_spec
+    from scoresde.runs import load_run
+    from scoresde.sde import VPSDE
+    from scoresde.train import TrainOptions, train
+
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    old_cfg = {"seed": 3, "device": "cpu", "dtype": "float32", "progress": False,
+               "sde": {"name": "vp", "beta_min": 0.1, "beta_max": 20.0, "N": 1000, "schedule": "linear"},
+               "model": {"name": "mlp", "hidden": 16, "depth": 1, "time_embedding": "fourier", "embed_dim": 64,
+                         "fourier_scale": 16.0, "dropout": 0.0, "parameterization": "auto"},
+               "data": {"name": "moons", "n_train": None, "n_eval": 10, "root": None, "download": False, "centered": True,
+                        "random_flip": False, "dequantize": True, "noise_mixture_prob": 0.0, "noise_mixture_std_min": 0.03,
+                        "noise_mixture_std_max": 0.3},
+               "sampler": {"method": "ode", "steps": None, "ode_method": "dopri5", "rtol": 1e-5, "atol": 1e-5,
+                           "error_norm": "per_sample", "denoise": False, "eps": None},
+               "train": {"n_iters": 2, "batch_size": 8, "lr": 1e-3, "grad_clip": 0.0, "ema_rate": 0.9, "continuous": True,
+                         "likelihood_weighting": False, "reduce_mean": True, "eps": 1e-5, "ckpt_every": 1},
+               "eval": {"n_samples": 4}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old_cfg))
+    model = build_model(model_spec(VPSDE(), "mlp", {"hidden": 16, "depth": 1}, (2,), seed=3))
+    del model.spec  # the old release's checkpoints carried no spec
+    train(model, lambda m, x, g: (m.score_fn(x, torch.full((x.shape[0],), 0.5)) ** 2).mean(), torch.randn(32, 2),
+          TrainOptions(n_steps=2, batch_size=8, lr=1e-3, warmup=0), run_dir, progress=False)
+    with caplog.at_level(logging.INFO, logger="scoresde"):
+        run = load_run(str(run_dir), "cpu", torch.float32)
+    assert "train.n_iters -> train.n_steps" in caplog.text and "train.reduce_mean -> train.reduce" in caplog.text
+    assert run.step == 2 and run.data.name == "moons" and run.shape == (2,) and run.seed == 3
+    ema = torch.load(run_dir / "checkpoint.pt", weights_only=False)["ema"]["module"]
+    assert all(torch.equal(v, ema[k]) for k, v in run.model.state_dict().items())
