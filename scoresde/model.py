@@ -103,8 +103,8 @@ class ScoreModel(nn.Module):
     def coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m, s)`` ``(B,)`` of the perturbation ``x_t = m x_0 + s z`` the network is conditioned on.
 
-        Continuous: ``sde.marginal_coef(t)``. Discrete VP: ``(sqrt(alpha_bar_i), sqrt(1 - alpha_bar_i))``;
-        discrete VE: ``(1, sigma_i)``, with ``i = sde.discrete_timestep(t)``.
+        Continuous: ``sde.marginal_coef(t)``. Discrete VP: ``(sqrt(alpha_bar_i), sqrt(1 - alpha_bar_i))``
+        (in float64, then cast to ``t``'s dtype); discrete VE: ``(1, sigma_i)``, with ``i = sde.discrete_timestep(t)``.
         """
         if self.continuous:
             return self.sde.marginal_coef(t)
@@ -112,8 +112,14 @@ class ScoreModel(nn.Module):
         if isinstance(self.sde, VESDE):
             sigma = self.sde.discrete_sigmas.to(t.device)[i].to(t.dtype)
             return torch.ones_like(sigma), sigma
-        ab = self.sde.alphas_cumprod.to(t.device)[i].to(t.dtype)
-        return torch.sqrt(ab), torch.sqrt(1.0 - ab)
+        return self._ddpm_coefs(i, t.dtype)
+
+    def _ddpm_coefs(self, i: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(alpha_bar_i), sqrt(1 - alpha_bar_i))`` of DDPM steps ``i`` ``(B,)``, computed in float64 from
+        the SDE's float64 ``alphas_cumprod`` and rounded once to ``dtype``: forming ``1 - alpha_bar_i`` in
+        float32 would lose ~1e-4 of ``s`` at the first steps (``alpha_bar_0 = 1 - 1e-4``)."""
+        ab = self.sde.alphas_cumprod.to(device=i.device, dtype=torch.float64)[i]
+        return torch.sqrt(ab).to(dtype), torch.sqrt(1.0 - ab).to(dtype)
 
     # --- conversions ------------------------------------------------------------------
     def _eps_from_output(self, out, x, m, s):
@@ -201,8 +207,7 @@ class ScoreModel(nn.Module):
             i = i.to(x.device).long()
             if self.continuous:
                 return self.eps_fn(x, self.ddpm_time(i, dtype=x.dtype))
-            ab = self.sde.alphas_cumprod.to(x.device)[i].to(x.dtype)
-            m, s = torch.sqrt(ab), torch.sqrt(1.0 - ab)
+            m, s = self._ddpm_coefs(i, x.dtype)
             out = self.net(x, i.to(x.dtype))
             return self._eps_from_output(out, x, batch_broadcast(m, x), batch_broadcast(s, x))
 
