@@ -207,14 +207,16 @@ def register_configs() -> None:
 # ============================================================================================
 def _library_check(prefix: str, check: Callable[[], Any], keys) -> Any:
     """Run ``check()`` (which builds or checks a library object); its ``ValueError``/``TypeError`` comes back as
-    ``ConfigError`` with every library argument name in ``keys`` replaced by the config key ``prefix.name``."""
+    ``ConfigError`` with every library argument name in ``keys`` replaced by the config key ``prefix.name`` (``keys``
+    may also map a library name to another config name under ``prefix``)."""
     try:
         return check()
     except (ValueError, TypeError) as e:
+        keys = keys if isinstance(keys, dict) else {k: k for k in keys}
         names = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
         msg = str(e)
         if names:
-            msg = re.sub(rf"(?<![\w.])({names})(?!\w)", lambda m: f"{prefix}.{m.group(1)}", msg)
+            msg = re.sub(rf"(?<![\w.])({names})(?!\w)", lambda m: f"{prefix}.{keys[m.group(1)]}", msg)
         raise ConfigError(msg) from None
 
 
@@ -260,7 +262,8 @@ def _data_shape(d: DataOptions) -> tuple:
 
     if d.name in IMAGE_SHAPES:
         return IMAGE_SHAPES[d.name]
-    return tuple(load_split(dataclasses.replace(d, n_eval=1), "test").shape)
+    keys = {"path": "path", **{k: f"tensor_file.{k}" for k in d.tensor_file}}
+    return _library_check("data", lambda: tuple(load_split(dataclasses.replace(d, n_eval=1), "test").shape), keys)
 
 
 def _split_train(node) -> tuple[TrainOptions, dict]:

@@ -23,11 +23,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
 from . import build
+from .data.datasets import TENSOR_FILE_OPTIONS
 from .evaluate import EvalOptions, evaluate_run, print_summary
 from .train import BEST_NAME, CHECKPOINT_NAME, TrainOptions, derive_seed
 
@@ -54,6 +55,9 @@ class DataOptions:
     ``noise_mixture_prob`` a training sample gets Gaussian noise of std log-uniform in
     ``[noise_mixture_std_min, noise_mixture_std_max]``; 0 = off). ``n_train``/``n_eval``: number of examples
     (toy sets: generated size; image sets: a deterministic subset; ``None`` = the data set's default / all).
+    ``name="tensor_file"``: the user's own array file ``path`` (``.npy``/``.npz``/``.pt``) read by
+    ``scoresde.data.load_tensor_file`` with the options ``tensor_file`` (its keyword arguments and defaults:
+    ``levels`` for discrete data, ``value_range``, ``key``, ``channels_last``, split fractions, ``split_seed``).
     """
 
     name: str = "gmm"
@@ -67,6 +71,18 @@ class DataOptions:
     noise_mixture_prob: float = 0.0
     noise_mixture_std_min: float = 0.03
     noise_mixture_std_max: float = 0.3
+    path: Optional[str] = None
+    tensor_file: Dict[str, Any] = field(default_factory=lambda: _tensor_file_defaults())
+
+
+def _tensor_file_defaults() -> dict:
+    """``load_tensor_file``'s own options and defaults (``centered`` is ``DataOptions.centered``)."""
+    import inspect
+
+    from .data.tensor_file import load_tensor_file
+
+    params = inspect.signature(load_tensor_file).parameters
+    return {k: params[k].default for k in TENSOR_FILE_OPTIONS if k != "centered"}
 
 
 @dataclass
@@ -167,7 +183,11 @@ def load_split(data: DataOptions, split: str, seed: int = 0):
     from .data import load_dataset
 
     n = data.n_train if split == "train" else data.n_eval
-    return load_dataset(data.name, split=split, root=data.root, download=data.download, n=n, seed=seed)
+    extra = {}
+    if data.name == "tensor_file":
+        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(data.tensor_file).items()}
+        extra = dict(path=data.path, centered=data.centered, **opts)
+    return load_dataset(data.name, split=split, root=data.root, download=data.download, n=n, seed=seed, **extra)
 
 
 def make_prepare(data: DataOptions, levels: Optional[int], dtype: torch.dtype) -> Callable:
