@@ -4,7 +4,7 @@ One command (a thin wrapper over ``scoresde-compare experiment=ddpm_vs_sde``)::
 
     python experiments/ddpm_vs_sde.py                               # digits, CPU-sized
     python experiments/ddpm_vs_sde.py --cifar10 data.root=/data     # CIFAR-10 preset, sized for one GPU
-    python experiments/ddpm_vs_sde.py train.n_iters=500 --publish experiments/results
+    python experiments/ddpm_vs_sde.py train.n_steps=500 --publish experiments/results
 
 Every argument except the flags below is a Hydra override of the ``compare`` app (``data=...``,
 ``model=...``, ``train.*``, ``eval.*``, ``compare.*``). For each variant the run directory gets a
