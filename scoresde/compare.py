@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import build
-from .evaluate import EvalOptions, evaluate_run, print_summary
+from .evaluate import evaluate_run, print_summary
 from .plots import plot_compare
-from .runs import METRICS_NAME, DataOptions, RunConfig, _setup, _write_config, load_run, train_model, write_json
+from .runs import METRICS_NAME, RunConfig, RunOptions, _setup, _write_config, load_run, train_model, write_json
 from .train import TrainOptions
 
 __all__ = ["VARIANTS", "VARIANT_SDE", "CompareOptions", "CompareConfig", "variant_config", "samplers_for", "run_compare"]
@@ -71,22 +71,11 @@ class CompareOptions:
         return self
 
 
-@dataclass
-class CompareConfig:
-    """Everything ``run_compare`` needs, as plain values (as ``runs.RunConfig``, without SDE and sampler)."""
+@dataclass(kw_only=True)
+class CompareConfig(RunOptions):
+    """Everything ``run_compare`` needs: ``runs.RunOptions`` (shared by every variant) plus ``compare``."""
 
-    net: dict
-    data: DataOptions
-    train: TrainOptions
-    loss: dict
-    eval: EvalOptions
     compare: CompareOptions
-    parameterization: Optional[str] = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"
-    progress: bool = True
-    config: dict = field(default_factory=dict)
 
 
 def variant_config(c: CompareConfig, variant: str) -> RunConfig:

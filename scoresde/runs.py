@@ -30,9 +30,9 @@ import torch
 from . import build
 from .data.datasets import TENSOR_FILE_OPTIONS
 from .evaluate import EvalOptions, evaluate_run, print_summary
-from .train import BEST_NAME, CHECKPOINT_NAME, TrainOptions, derive_seed
+from .train import TrainOptions, derive_seed
 
-__all__ = ["DataOptions", "RunConfig", "LoadedRun", "run_train", "run_sample", "run_nll", "load_run", "load_split",
+__all__ = ["DataOptions", "RunOptions", "RunConfig", "LoadedRun", "run_train", "run_sample", "run_nll", "load_run", "load_split",
            "make_prepare", "reference_samples", "write_json", "stream_seed", "legacy_spec", "LEGACY_KEYS",
            "translate_legacy", "CONFIG_NAME", "SPEC_NAME", "METRICS_NAME", "SAMPLES_NAME"]
 
@@ -85,22 +85,19 @@ def _tensor_file_defaults() -> dict:
     return {k: params[k].default for k in TENSOR_FILE_OPTIONS if k != "centered"}
 
 
-@dataclass
-class RunConfig:
-    """Everything ``run_train`` needs, as plain values.
-
-    ``sde``/``net``: ``{"name", "kwargs"}`` of ``scoresde.build.SDES`` / ``NETWORKS`` (``net=None``: the exact
-    score of ``data=gmm``'s mixture, nothing to train); ``parameterization``: ``None`` for the SDE's usual one;
-    ``loss``: keyword arguments of ``scoresde.losses.get_loss_fn`` (``continuous``, ``weighting``, ...);
-    ``sampler``: ``{"method": ..., **options of scoresde.sample}``; ``train.seed`` is replaced by ``seed``; with
+@dataclass(kw_only=True)
+class RunOptions:
+    """What every app that trains shares, as plain values: ``net`` (``{"name", "kwargs"}`` of
+    ``scoresde.build.NETWORKS``; ``None``: the exact score of ``data=gmm``'s mixture, nothing to train),
+    ``parameterization`` (``None`` for the SDE's usual one), ``data``, ``train`` (``train.seed`` is replaced by
+    ``seed``), ``loss`` (keyword arguments of ``scoresde.losses.get_loss_fn``), ``eval``, the device / dtype / seed,
+    and ``config`` (the resolved app config, recorded in ``metrics.json`` and ``config.yaml``). With
     ``train.eval_every > 0`` the training loss on a fixed validation batch is evaluated as ``"val_loss"`` (set
     ``train.select_metric="val_loss"`` to keep the best EMA weights in ``best.pt``).
     """
 
-    sde: dict
     net: Optional[dict]
     data: DataOptions
-    sampler: dict
     train: TrainOptions
     loss: dict
     eval: EvalOptions
@@ -109,7 +106,16 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "float32"
     progress: bool = True
-    config: dict = field(default_factory=dict)  # the resolved app config, recorded in metrics.json
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class RunConfig(RunOptions):
+    """Everything ``run_train`` needs: ``RunOptions`` plus ``sde`` (``{"name", "kwargs"}`` of ``scoresde.build.SDES``)
+    and ``sampler`` (``{"method": ..., **options of scoresde.sample}``)."""
+
+    sde: dict
+    sampler: dict
 
 
 # ============================================================================================
