@@ -2,7 +2,8 @@
 
 from .oracle import GaussianMixture
 from .sde import SDE, VESDE, VPSDE, ReverseSDE, SubVPSDE
-from .likelihood import LikelihoodResult, bits_per_dim, ddpm_elbo, evaluate_bpd, evaluate_elbo, log_likelihood
+from .likelihood import LikelihoodResult, bits_per_dim, evaluate_bpd, log_likelihood
+from .elbo import ddpm_elbo, evaluate_elbo
 
 __all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "GaussianMixture"]
 __all__ += ["log_likelihood", "bits_per_dim", "LikelihoodResult", "evaluate_bpd", "ddpm_elbo", "evaluate_elbo"]

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from scoresde import VESDE, VPSDE, GaussianMixture, SubVPSDE
+import scoresde.elbo
+import scoresde.likelihood
+from scoresde.elbo import ddpm_elbo, discretized_gaussian_log_likelihood, evaluate_elbo
 from scoresde.likelihood import (
     check_likelihood_options,
     bits_per_dim,
-    ddpm_elbo,
     dequantized_bits_per_dim,
-    discretized_gaussian_log_likelihood,
     evaluate_bpd,
-    evaluate_elbo,
     log_likelihood,
 )
 from scoresde.samplers import CountingScore, sample
@@ -396,3 +396,11 @@ def test_evaluate_accepts_iterables_of_labelled_batches():
     assert torch.equal(a.bpd, b.bpd) and a.bpd.shape == (12,) and a.nfe == b.nfe
     e = evaluate_elbo(gm.ddpm_eps_fn(VPSDE(N=50)), VPSDE(N=50), loader, levels, False, generator=gen(23), dtype=F64)
     assert e.bpd.shape == (12,) and e.nfe == 3 * 50 and math.isfinite(e.mean)
+
+
+def test_elbo_names_stay_importable_from_likelihood():
+    """The DDPM ELBO lives in ``scoresde.elbo``; ``scoresde.likelihood`` and the package re-export the same objects."""
+    for name in ("ELBOResult", "ddpm_elbo", "evaluate_elbo", "discretized_gaussian_log_likelihood"):
+        assert getattr(scoresde.likelihood, name) is getattr(scoresde.elbo, name)
+        assert name in scoresde.likelihood.__all__ and name in scoresde.elbo.__all__
+    assert scoresde.ddpm_elbo is ddpm_elbo and scoresde.evaluate_elbo is evaluate_elbo
