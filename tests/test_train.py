@@ -120,6 +120,17 @@ def test_derive_seed_keeps_the_63_bit_values_and_gives_the_32_bit_stream_seed():
         derive_seed(1, -1)
 
 
+def test_options_names_are_the_same_objects_in_train_and_train_options():
+    """The options, schedules, seeds and precision live in ``scoresde.train_options``; ``scoresde.train`` re-exports them."""
+    import scoresde.train
+    import scoresde.train_options
+
+    for name in scoresde.train_options.__all__:
+        assert getattr(scoresde.train, name) is getattr(scoresde.train_options, name)
+        assert name in scoresde.train.__all__
+    assert TrainOptions is scoresde.train_options.TrainOptions and derive_seed is scoresde.train_options.derive_seed
+
+
 def test_options_patience_needs_a_metric():
     with pytest.raises(ValueError, match="patience"):
         TrainOptions(patience=3, eval_every=10)
