@@ -30,7 +30,7 @@ from . import nets
 from .model import ScoreModel
 from .sde import SDE, VESDE, VPSDE, SubVPSDE
 
-__all__ = ["SDES", "NETWORKS", "DATA_ARGS", "SPEC_FORMAT", "sde_spec", "build_sde", "build_net", "build_model",
+__all__ = ["SDES", "NETWORKS", "DATA_ARGS", "SDE_ARGS", "SPEC_FORMAT", "sde_spec", "build_sde", "build_net", "build_model",
            "model_spec", "default_parameterization", "find_checkpoint", "load", "Flatten"]
 
 SPEC_FORMAT = "scoresde-spec-1"
@@ -44,8 +44,10 @@ for _name, _cls in (("ncsnpp", "NCSNpp"), ("ddpm", "DDPM"), ("convnet", "ConvSco
     if hasattr(nets, _cls):
         NETWORKS[_name] = getattr(nets, _cls)
 
-# network constructor arguments that come from the data (or the seed), not from a config
-DATA_ARGS = ("dim", "in_channels", "num_channels", "image_size", "seed")
+# network constructor arguments that come from the data, the SDE or the seed, not from a config (NCSN++ / DDPM take
+# the data's scaler ``centered`` and, for ``scale_by_sigma``, the VE SDE's noise levels)
+DATA_ARGS = ("dim", "in_channels", "num_channels", "image_size", "centered", "seed")
+SDE_ARGS = {"sigma_min": "sigma_min", "sigma_max": "sigma_max", "num_scales": "N"}
 
 
 def _init_args(cls) -> dict:
@@ -84,18 +86,19 @@ class Flatten(nn.Module):
         return self.net(x.reshape(x.shape[0], -1), t_in).reshape(x.shape)
 
 
-def build_net(name: str, data_shape, seed: int = 0, **kwargs) -> nn.Module:
+def build_net(name: str, data_shape, seed: int = 0, sde: Optional[SDE] = None, centered: bool = True, **kwargs) -> nn.Module:
     """The network ``NETWORKS[name]`` for per-sample data shape ``data_shape`` (``(D,)`` or ``(C, H, W)``).
 
     ``kwargs`` are the network's own constructor arguments; the data-dependent ones (``DATA_ARGS``) are
     filled in: ``dim = prod(data_shape)`` for vector networks (images are flattened around them, see
-    ``Flatten``), ``in_channels``/``num_channels`` and ``image_size`` for image networks, and ``seed``.
+    ``Flatten``), ``in_channels``/``num_channels`` and ``image_size`` for image networks, ``centered`` (the data's
+    scaler), ``seed``, and from a VE ``sde`` the noise levels a ``scale_by_sigma`` network needs (``SDE_ARGS``).
     """
     if name not in NETWORKS:
         raise ValueError(f"network name must be one of {list(NETWORKS)}; got {name!r}")
     cls = NETWORKS[name]
     params = _init_args(cls)
-    own = [n for n in params if n not in DATA_ARGS]
+    own = [n for n in params if n not in DATA_ARGS and n not in SDE_ARGS]
     unknown = sorted(set(kwargs) - set(own))
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for network {name!r}; allowed: {own}")
@@ -103,6 +106,10 @@ def build_net(name: str, data_shape, seed: int = 0, **kwargs) -> nn.Module:
     args = dict(kwargs)
     if "seed" in params:
         args["seed"] = seed
+    if "centered" in params:
+        args["centered"] = bool(centered)
+    if isinstance(sde, VESDE):
+        args.update({k: getattr(sde, v) for k, v in SDE_ARGS.items() if k in params})
     if "dim" in params:
         net = cls(int(math.prod(shape)), **args)
         return net if len(shape) == 1 else Flatten(net, shape)
@@ -119,8 +126,12 @@ def build_net(name: str, data_shape, seed: int = 0, **kwargs) -> nn.Module:
     return cls(**args)
 
 
-def default_parameterization(sde: SDE) -> str:
-    """The usual output of a network for ``sde``: ``"sigma_scaled"`` for VE (NCSN++), ``"eps"`` otherwise (DDPM)."""
+def default_parameterization(sde: SDE, net_kwargs: Optional[dict] = None) -> str:
+    """The usual output of a network for ``sde``: ``"score"`` for a network that divides by σ itself
+    (``scale_by_sigma=True``, score_sde's NCSN++), else ``"sigma_scaled"`` for VE (σ times the score), ``"eps"``
+    for VP / sub-VP (DDPM; score_sde's ``-net / std``)."""
+    if (net_kwargs or {}).get("scale_by_sigma"):
+        return "score"
     return "sigma_scaled" if isinstance(sde, VESDE) else "eps"
 
 
@@ -133,7 +144,7 @@ def model_spec(sde: SDE, net_name: str, net_kwargs: dict, data_shape, parameteri
         "net": {"name": net_name, "kwargs": dict(net_kwargs)},
         "data_shape": [int(s) for s in data_shape],
         "data": dict(data or {}),
-        "parameterization": parameterization or default_parameterization(sde),
+        "parameterization": parameterization or default_parameterization(sde, net_kwargs),
         "continuous": bool(continuous),
         "seed": int(seed),
     }
@@ -146,7 +157,8 @@ def build_model(spec: dict, device=None, dtype=None) -> ScoreModel:
         got = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
         raise ValueError(f"spec must be a dict with format {SPEC_FORMAT!r}; got {got!r}")
     sde = build_sde(spec["sde"]["name"], **spec["sde"]["kwargs"])
-    net = build_net(spec["net"]["name"], spec["data_shape"], seed=spec.get("seed", 0), **spec["net"]["kwargs"])
+    net = build_net(spec["net"]["name"], spec["data_shape"], seed=spec.get("seed", 0), sde=sde,
+                    centered=spec.get("data", {}).get("centered", True), **spec["net"]["kwargs"])
     model = ScoreModel(net, sde, parameterization=spec["parameterization"], continuous=spec["continuous"])
     model.spec = spec
     return model.to(device=device, dtype=dtype)

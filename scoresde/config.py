@@ -96,7 +96,7 @@ def library_options(kind: str, name: str) -> Dict[str, Any]:
     if kind == "sde":
         return {k: d for k, (_, d) in _signature_fields(build.SDES[name]).items()}
     if kind == "model":
-        return {k: d for k, (_, d) in _signature_fields(build.NETWORKS[name], build.DATA_ARGS).items()}
+        return {k: d for k, (_, d) in _signature_fields(build.NETWORKS[name], _NET_EXCLUDED).items()}
     if kind == "sampler":
         return dict(samplers.METHOD_OPTIONS[name])
     if kind == "train":
@@ -117,8 +117,9 @@ def _title(name: str) -> str:
 SDE_SCHEMAS = {name: _make_schema(f"{_title(name)}SDESchema", {"name": (str, name)}, _signature_fields(cls))
                for name, cls in build.SDES.items()}
 PARAMETERIZATIONS = ("auto", "eps", "score", "sigma_scaled", "x0")
+_NET_EXCLUDED = (*build.DATA_ARGS, *build.SDE_ARGS)
 MODEL_SCHEMAS = {name: _make_schema(f"{_title(name)}ModelSchema", {"name": (str, name)},
-                                    {**_signature_fields(cls, build.DATA_ARGS), "parameterization": (str, "auto")})
+                                    {**_signature_fields(cls, _NET_EXCLUDED), "parameterization": (str, "auto")})
                  for name, cls in build.NETWORKS.items()}
 MODEL_SCHEMAS["oracle"] = _make_schema("OracleModelSchema", {"name": (str, "oracle")}, {})
 SAMPLER_SCHEMAS = {m: _make_schema(f"{_title(m)}SamplerSchema", {"method": (str, m)},
@@ -296,8 +297,8 @@ def _check_model(c, sde, data: DataOptions, loss: dict):
     keys = list(kwargs) + ["parameterization", "continuous"]
     shape = _data_shape(data)
     with torch.device("meta"):
-        net = _library_check("model", lambda: build.build_net(c.model.name, shape, **kwargs), keys)
-        model = _library_check("model", lambda: ScoreModel(net, sde, param or build.default_parameterization(sde),
+        net = _library_check("model", lambda: build.build_net(c.model.name, shape, sde=sde, centered=data.centered, **kwargs), keys)
+        model = _library_check("model", lambda: ScoreModel(net, sde, param or build.default_parameterization(sde, kwargs),
                                                            loss.get("continuous", True)), keys)
     _library_check("train", lambda: get_loss_fn(sde, **loss), list(loss))
     del model

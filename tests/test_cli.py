@@ -165,7 +165,7 @@ def test_score_sde_config_file_runs(tmp_path):
     m = metrics(d)
     c = m["config"]
     assert c["score_sde_config"] == str(cfg)
-    assert c["train"]["continuous"] is False and c["sde"]["N"] == 50 and c["model"]["ch"] == 8
+    assert c["train"]["continuous"] is False and c["sde"]["N"] == 50 and c["model"]["nf"] == 32 and c["model"]["name"] == "ddpm"
     assert m["samples"]["method"] == "pc" and m["samples"]["nfe"] == 51  # 50 ancestral steps + the denoising step
     assert m["train"]["steps"] == 10
 

@@ -65,7 +65,7 @@ def test_config_defaults_equal_the_library_signature_defaults():
     for name, cls in build.NETWORKS.items():
         d = _schema_defaults(C.MODEL_SCHEMAS[name])
         assert d.pop("name") == name and d.pop("parameterization") == "auto"
-        assert d == _signature_defaults(cls, build.DATA_ARGS)
+        assert d == _signature_defaults(cls, (*build.DATA_ARGS, *build.SDE_ARGS))
     for method, fn in samplers.SAMPLERS.items():
         d = _schema_defaults(C.SAMPLER_SCHEMAS[method])
         assert d.pop("method") == method
@@ -83,7 +83,7 @@ def test_every_library_keyword_is_reachable_from_the_command_line(hydra_ctx):
     for name, cls in build.SDES.items():
         assert set(_signature_defaults(cls)) <= {f.name for f in dataclasses.fields(C.SDE_SCHEMAS[name])}
     for name, cls in build.NETWORKS.items():
-        assert set(_signature_defaults(cls, build.DATA_ARGS)) <= {f.name for f in dataclasses.fields(C.MODEL_SCHEMAS[name])}
+        assert set(_signature_defaults(cls, (*build.DATA_ARGS, *build.SDE_ARGS))) <= {f.name for f in dataclasses.fields(C.MODEL_SCHEMAS[name])}
     for method in samplers.METHODS:
         assert set(samplers.METHOD_OPTIONS[method]) <= {f.name for f in dataclasses.fields(C.SAMPLER_SCHEMAS[method])}
     train_keys = {f.name for f in dataclasses.fields(C.TrainSchema)}

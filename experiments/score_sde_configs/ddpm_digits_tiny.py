@@ -40,7 +40,7 @@ def get_config():
     config.model = model = ml_collections.ConfigDict()
     model.name = "ddpm"
     model.ema_rate = 0.9
-    model.nf = 8
+    model.nf = 32
     model.ch_mult = (1, 2)
     model.num_res_blocks = 1
     model.attn_resolutions = (4,)
@@ -49,7 +49,6 @@ def get_config():
     model.beta_min = 0.1
     model.beta_max = 20.0
     model.resamp_with_conv = True
-    model.skip_rescale = True
     model.scale_by_sigma = False
     model.conditional = True
     model.nonlinearity = "swish"

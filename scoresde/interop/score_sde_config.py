@@ -9,6 +9,7 @@ No Hydra import: the overrides are plain strings.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from typing import List, Optional
 
@@ -53,13 +54,14 @@ def _fmt(v) -> str:
 
 
 _SDE_NAMES = {"vpsde": "vp", "subvpsde": "subvp", "vesde": "ve"}
-_MODEL_NAMES = {"ddpm": "ddpmpp", "ncsnpp": "ddpmpp", "ddpm++": "ddpmpp", "unet": "ddpmpp", "mlp": "mlp"}
+# score_sde model.name -> (our model option, its network in scoresde.build.NETWORKS): the same networks, so every
+# architecture field maps 1:1 onto a constructor argument of ours (read from its signature, not listed here)
+_MODEL_NAMES = {"ncsnpp": ("ddpmpp", "ncsnpp"), "ddpm": ("ddpm", "ddpm"), "mlp": ("mlp", "mlp")}
 _DATASET_NAMES = {"cifar10": "cifar10", "mnist": "mnist", "digits": "digits", "gmm": "gmm", "swissroll": "swissroll",
                   "moons": "moons", "eight_gaussians": "eight_gaussians", "checkerboard": "checkerboard"}
 _PREDICTORS = {"reverse_diffusion": "reverse_diffusion", "euler_maruyama": "euler_maruyama",
                "ancestral_sampling": "ancestral", "ancestral": "ancestral", "none": "none"}
 _CORRECTORS = {"langevin": "langevin", "ald": "annealed_langevin", "annealed_langevin": "annealed_langevin", "none": "none"}
-_EMBEDDINGS = {"positional": "sinusoidal", "sinusoidal": "sinusoidal", "fourier": "fourier"}
 _IMAGE_SHAPES = {"cifar10": (32, 3), "mnist": (28, 1), "digits": (8, 1)}
 
 # fields copied to one of our keys (value unchanged)
@@ -75,7 +77,6 @@ _DIRECT = {
     "training.eval_freq": "train.eval_every",
     "model.num_scales": "sde.N",
     "model.ema_rate": "train.ema_rate",
-    "model.dropout": "model.dropout",
     "optim.lr": "train.lr",
     "optim.warmup": "train.warmup",
     "optim.grad_clip": "train.grad_clip",
@@ -89,6 +90,7 @@ _DIRECT = {
     "data.centered": "data.centered",
     "data.random_flip": "data.random_flip",
     "data.uniform_dequantization": "data.dequantize",
+    "sampling.sampling_eps": "sampler.eps",
     "eval.batch_size": "eval.batch_size",
     "eval.enable_bpd": "eval.nll",
     "eval.num_samples": "eval.n_samples",
@@ -99,43 +101,18 @@ _TRANSLATED = {
     "training.likelihood_weighting": ("train.weighting", {True: "likelihood", False: "default"}),
     "training.reduce_mean": ("train.reduce", {True: "mean", False: "sum"}),
 }
-# UNet architecture fields (only with a U-Net model)
-_UNET_DIRECT = {
-    "model.nf": "model.ch",
-    "model.ch_mult": "model.ch_mult",
-    "model.num_res_blocks": "model.num_res_blocks",
-    "model.attn_resolutions": "model.attn_resolutions",
-    "model.resamp_with_conv": "model.resamp_with_conv",
-    "model.skip_rescale": "model.skip_rescale",
-    "model.fourier_scale": "model.fourier_scale",
-}
-# MLP architecture fields (our extension, for toy data)
-_MLP_DIRECT = {"model.hidden": "model.hidden", "model.depth": "model.depth", "model.embed_dim": "model.embed_dim",
-               "model.fourier_scale": "model.fourier_scale"}
 # fields that only do bookkeeping in score_sde (checkpoint cadence for pre-emption, which checkpoints to
 # evaluate, ...): accepted and ignored, they do not change the model or the numbers.
 _IGNORED = {
     "training.snapshot_freq_for_preemption", "training.snapshot_sampling", "training.eval_freq_for_preemption",
     "eval.begin_ckpt", "eval.end_ckpt", "eval.enable_loss", "eval.enable_sampling", "eval.bpd_dataset",
-    "eval.num_samples_per_class", "data.num_workers", "device", "sampling.sampling_eps",
-    "model.conditional", "model.nonlinearity", "model.normalization", "model.resblock_type",
-    "model.init_scale", "model.conv_size", "model.attention_type", "model.embedding_type",
-    "model.scale_by_sigma", "model.beta_min", "model.beta_max", "model.sigma_min", "model.sigma_max",
-    "model.progressive", "model.progressive_input", "model.progressive_combine", "model.fir", "model.fir_kernel",
-    "model.name", "data.dataset", "data.image_size", "data.num_channels", "training.sde", "sampling.method",
+    "eval.num_samples_per_class", "data.num_workers", "device", "model.normalization",
+    "model.beta_min", "model.beta_max", "model.sigma_min", "model.sigma_max", "model.name", "data.dataset", "data.image_size", "data.num_channels", "training.sde", "sampling.method",
     "sampling.predictor", "sampling.corrector", "optim.optimizer",
 }
 # fields whose only supported value is the one our implementation has (value checked)
 _REQUIRED_VALUES = {
-    "model.conditional": (True,),
-    "model.nonlinearity": ("swish", "silu"),
     "model.normalization": ("GroupNorm",),
-    "model.progressive": ("none",),
-    "model.progressive_input": ("none",),
-    "model.progressive_combine": ("sum",),
-    "model.fir": (False,),
-    "model.attention_type": ("ddpm",),
-    "model.conv_size": (3,),
     "optim.optimizer": ("Adam",),
     "training.snapshot_sampling": (True, False),
 }
@@ -153,7 +130,14 @@ def score_sde_overrides(config) -> List[str]:
     """
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     flat = _flatten(d)
-    known = set(_DIRECT) | set(_TRANSLATED) | set(_UNET_DIRECT) | set(_MLP_DIRECT) | _IGNORED | set(_REQUIRED_VALUES)
+    from ..build import DATA_ARGS, NETWORKS, SDE_ARGS
+
+    arch_of = {ours: [n for n in inspect.signature(NETWORKS[net].__init__).parameters
+                      if n not in ("self", *DATA_ARGS, *SDE_ARGS)] for ours, net in _MODEL_NAMES.values()}
+    entry = _MODEL_NAMES.get(str(flat.get("model.name", "")).lower())
+    arch = {f"model.{n}" for n in arch_of[entry[0]]} if entry else set()
+    every_arch = {f"model.{n}" for names in arch_of.values() for n in names}
+    known = set(_DIRECT) | set(_TRANSLATED) | every_arch | _IGNORED | set(_REQUIRED_VALUES)
     unknown = sorted(k for k in flat if k not in known)
     bad = []
     for k, allowed in _REQUIRED_VALUES.items():
@@ -183,24 +167,17 @@ def score_sde_overrides(config) -> List[str]:
             if k in flat:
                 out.append(f"sde.{k.split('.')[1]}={_fmt(float(flat[k]))}")
 
-    model = pick("model.name", _MODEL_NAMES, "supported")
-    if model is not None:
-        out.append(f"model={model}")
-    arch = _MLP_DIRECT if model == "mlp" else _UNET_DIRECT
-    other = _UNET_DIRECT if model == "mlp" else _MLP_DIRECT
-    for k, v in flat.items():
-        if k in arch:
-            out.append(f"{arch[k]}={_fmt(list(v) if isinstance(v, tuple) else v)}")
-        elif k in other and k not in arch and k not in _IGNORED:
-            bad.append(f"{k} (only for model.name={'mlp' if model != 'mlp' else 'ncsnpp/ddpm'})")
-    emb = pick("model.embedding_type", _EMBEDDINGS, "supported")
-    if emb is not None:
-        out.append(f"model.time_embedding={emb}")
-    if "model.scale_by_sigma" in flat:
-        if flat["model.scale_by_sigma"]:
-            out.append("model.parameterization=sigma_scaled")
-        elif model != "mlp":
-            out.append("model.parameterization=eps" if sde_eff != "ve" else "model.parameterization=score")
+    if entry is None and "model.name" in flat:
+        bad.append(f"model.name={flat['model.name']!r} (supported: {sorted(_MODEL_NAMES)})")
+    if entry is not None:
+        out.append(f"model={entry[0]}")
+        for k, v in flat.items():
+            if k in arch:
+                out.append(f"{k}={_fmt(list(v) if isinstance(v, tuple) else v)}")
+            elif k in every_arch:
+                bad.append(f"{k} (not an argument of the {flat['model.name']!r} network)")
+        if entry[0] != "mlp":  # score_sde: VP / sub-VP score = -net / std (an eps-model); VE: the net's output is the score
+            out.append("model.parameterization=" + ("score" if sde_eff == "ve" else "eps"))
 
     ds = pick("data.dataset", _DATASET_NAMES, "supported")
     if ds is not None:
