@@ -157,20 +157,28 @@ class TrainAppConfig(_Common):
 
 
 @dataclass
-class SampleAppConfig(_Common):
-    """``scoresde-sample``: draw samples from a trained run (``ckpt`` = checkpoint file or train run dir)."""
+class _Saved(_Common):
+    """A saved model: ``ckpt`` (a scoresde-train run directory or checkpoint file) or a score_sde_pytorch
+    checkpoint ``score_sde_ckpt`` with its config file ``score_sde_config``; ``data`` (e.g. ``+data=tensor_file``)
+    replaces the run's own data for evaluation."""
 
-    ckpt: str = MISSING
-    sampler: Any = MISSING
+    ckpt: Optional[str] = None
+    score_sde_ckpt: Optional[str] = None
+    score_sde_config: Optional[str] = None
+    data: Optional[DataOptions] = None
     eval: EvalOptions = field(default_factory=EvalOptions)
 
 
 @dataclass
-class NLLAppConfig(_Common):
-    """``scoresde-nll``: bits/dim of a trained run per split, with standard errors."""
+class SampleAppConfig(_Saved):
+    """``scoresde-sample``: draw samples from a trained run."""
 
-    ckpt: str = MISSING
-    eval: EvalOptions = field(default_factory=EvalOptions)
+    sampler: Any = MISSING
+
+
+@dataclass
+class NLLAppConfig(_Saved):
+    """``scoresde-nll``: bits/dim of a trained run per split, with standard errors."""
 
 
 @dataclass
@@ -323,6 +331,11 @@ def check_sampler_against_run(c) -> None:
 
     from .runs import legacy_spec, read_spec
 
+    if c.score_sde_ckpt is not None:
+        from .interop.score_sde import build_sde, load_config
+
+        check_sampler(_sampler_dict(c.sampler), build_sde(load_config(c.score_sde_config)))
+        return
     p = Path(c.ckpt).expanduser()
     if not p.exists():
         return  # reported by the run, naming the path
@@ -342,7 +355,7 @@ def validate(cfg):
     _check_common(c)
     if hasattr(c, "eval"):
         _library_check("eval", c.eval.check, [f.name for f in fields(EvalOptions)])
-    if hasattr(c, "data"):
+    if getattr(c, "data", None) is not None:
         _check_data(c.data)
     if hasattr(c, "train"):
         _library_check("train", lambda: _split_train(c.train), [f.name for f in fields(c.train)])
@@ -352,7 +365,13 @@ def validate(cfg):
         _, loss = _split_train(c.train)
         _check_model(c, sde, c.data, loss)
         check_sampler(_sampler_dict(c.sampler), sde)
-    elif isinstance(c, SampleAppConfig):
+    if isinstance(c, _Saved):
+        if (c.ckpt is None) == (c.score_sde_ckpt is None):
+            raise ConfigError("give exactly one of ckpt=<scoresde-train run dir or checkpoint> or "
+                              "score_sde_ckpt=<score_sde checkpoint .pth> (with score_sde_config=<its config .py>)")
+        if c.score_sde_ckpt is not None and c.score_sde_config is None:
+            raise ConfigError("score_sde_ckpt needs score_sde_config=<the run's score_sde config .py file>")
+    if isinstance(c, SampleAppConfig):
         opts = _group_kwargs(c.sampler, "method")
         _library_check("sampler", lambda: samplers.check_method_options(c.sampler.method, opts), list(opts))
     elif isinstance(c, CompareAppConfig):

@@ -32,7 +32,7 @@ from .data.datasets import TENSOR_FILE_OPTIONS
 from .evaluate import EvalOptions, evaluate_run, print_summary
 from .train import TrainOptions, derive_seed
 
-__all__ = ["DataOptions", "RunOptions", "RunConfig", "LoadedRun", "run_train", "run_sample", "run_nll", "load_run", "load_split",
+__all__ = ["DataOptions", "RunOptions", "RunConfig", "LoadedRun", "run_train", "run_sample", "run_nll", "load_run", "load_score_sde_run", "load_split",
            "make_prepare", "reference_samples", "write_json", "stream_seed", "legacy_spec", "LEGACY_KEYS",
            "translate_legacy", "CONFIG_NAME", "SPEC_NAME", "METRICS_NAME", "SAMPLES_NAME"]
 
@@ -279,6 +279,23 @@ def load_run(ckpt: str, device, dtype, use_ema: bool = True) -> LoadedRun:
     return LoadedRun(sde, model.score_fn, model, None, tuple(spec["data_shape"]), data, seed, run_dir, file, step)
 
 
+def load_score_sde_run(checkpoint, config, device, dtype, use_ema: bool = True) -> LoadedRun:
+    """A score_sde_pytorch checkpoint with its config file (``scoresde.interop.score_sde.load``) for evaluation; the
+    data options are the config's data set (``data.dataset``, ``data.centered``), the shape its ``data.image_size``
+    and ``data.num_channels``."""
+    from .interop.score_sde import load, load_config
+    from .interop.score_sde_config import _DATASET_NAMES
+
+    cfg = load_config(config)
+    model, sde = load(checkpoint, cfg, ema=use_ema, device=device)
+    model = model.to(dtype=dtype)
+    name = _DATASET_NAMES.get(str(cfg.data.get("dataset", "cifar10")).lower(), str(cfg.data.get("dataset")))
+    data = DataOptions(name=name, centered=bool(cfg.data.get("centered", True)))
+    shape = (int(cfg.data.num_channels), int(cfg.data.image_size), int(cfg.data.image_size))
+    return LoadedRun(sde, model.score_fn, model, None, shape, data, int(cfg.get("seed", 0)), Path(checkpoint).parent,
+                     Path(checkpoint), None)
+
+
 # Old config.yaml field -> new field (value translation, if any). The one place the old names live.
 LEGACY_KEYS = {
     "train.n_iters": ("train.n_steps", None),
@@ -452,7 +469,12 @@ def _evaluate_saved_run(c, outdir, progress: Optional[bool], sampler: Optional[d
     outdir = Path(outdir)
     progress = c.progress if progress is None else progress
     device, dtype = _setup(c)
-    run = load_run(c.ckpt, device, dtype, use_ema=c.eval.use_ema)
+    if c.score_sde_ckpt is not None:
+        run = load_score_sde_run(c.score_sde_ckpt, c.score_sde_config, device, dtype, use_ema=c.eval.use_ema)
+    else:
+        run = load_run(c.ckpt, device, dtype, use_ema=c.eval.use_ema)
+    if c.data is not None:
+        run = dataclasses.replace(run, data=c.data)
     if sampler is not None:
         opts = {k: v for k, v in sampler.items() if k != "method"}
         check_sample_options(run.sde, sampler["method"], **opts)

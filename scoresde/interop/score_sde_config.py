@@ -8,24 +8,21 @@ No Hydra import: the overrides are plain strings.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import os
 from typing import List, Optional
 
 __all__ = ["load_score_sde_config", "score_sde_overrides", "expand_score_sde_argv"]
 
 
 def load_score_sde_config(path: str):
-    """Import a score_sde-style Python config file and return its ``get_config()`` ConfigDict."""
-    if not os.path.isfile(path):
-        raise ValueError(f"score_sde_config: file not found: {path!r}")
-    spec = importlib.util.spec_from_file_location("_score_sde_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        raise ValueError(f"score_sde_config: {path!r} defines no get_config()")
-    return mod.get_config()
+    """Import a score_sde-style Python config file and return its ``get_config()`` ConfigDict
+    (``scoresde.interop.score_sde.load_config``; a missing file is a ``ValueError`` naming it)."""
+    from .score_sde import load_config
+
+    try:
+        return load_config(path)
+    except FileNotFoundError as e:
+        raise ValueError(f"score_sde_config: {e}") from None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
