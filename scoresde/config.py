@@ -37,12 +37,12 @@ from . import build, samplers
 from .compare import CompareConfig, CompareOptions
 from .evaluate import EvalOptions
 from .losses import get_loss_fn
-from .runs import LEGACY_KEYS, DataOptions, RunConfig
+from .runs import DataOptions, RunConfig, legacy_override_error
 from .train import TrainOptions
 
 __all__ = ["ConfigError", "SDE_SCHEMAS", "MODEL_SCHEMAS", "SAMPLER_SCHEMAS", "TrainSchema", "TrainAppConfig",
            "SampleAppConfig", "NLLAppConfig", "CompareAppConfig", "register_configs", "validate", "to_run",
-           "to_plain", "library_options", "legacy_override_error"]
+           "to_plain", "legacy_override_error"]
 
 
 class ConfigError(ValueError):
@@ -86,23 +86,6 @@ def _signature_fields(fn: Callable, exclude=()) -> Dict[str, tuple]:
             raise TypeError(f"{fn.__name__}.{name} has no type annotation: a configurable argument needs one")
         out[name] = (_config_type(hints[name]), p.default)
     return out
-
-
-def library_options(kind: str, name: str) -> Dict[str, Any]:
-    """The library's options behind a config group option and their defaults: ``name -> default``.
-
-    ``kind``: ``"sde"``, ``"model"``, ``"sampler"`` or ``"train"`` (``name`` ignored). The schemas are made of these.
-    """
-    if kind == "sde":
-        return {k: d for k, (_, d) in _signature_fields(build.SDES[name]).items()}
-    if kind == "model":
-        return {k: d for k, (_, d) in _signature_fields(build.NETWORKS[name], _NET_EXCLUDED).items()}
-    if kind == "sampler":
-        return dict(samplers.METHOD_OPTIONS[name])
-    if kind == "train":
-        return {**{f.name: f.default for f in fields(TrainOptions) if f.name not in _TRAIN_APP_FIELDS},
-                **{k: d for k, (_, d) in _signature_fields(get_loss_fn, ("sde",)).items()}}
-    raise ValueError(f"kind must be one of ('sde', 'model', 'sampler', 'train'); got {kind!r}")
 
 
 def _make_schema(cls_name: str, head: Dict[str, tuple], body: Dict[str, tuple]):
@@ -247,23 +230,9 @@ def _check_common(c) -> None:
 
 
 def _check_data(d: DataOptions) -> None:
-    import torch
-
-    from .data.datasets import DATASET_NAMES
-    from .data.transforms import noise_mixture
-
-    if d.name not in DATASET_NAMES:
-        raise ConfigError(f"data.name must be one of {list(DATASET_NAMES)}; got {d.name!r}")
-    for key in ("n_train", "n_eval"):
-        v = getattr(d, key)
-        if v is not None and (isinstance(v, bool) or v < 1):
-            raise ConfigError(f"data.{key} must be null or an integer >= 1; got {v!r}")
-    keys = {"prob": "noise_mixture_prob", "std_min": "noise_mixture_std_min", "std_max": "noise_mixture_std_max"}
-    try:
-        noise_mixture(torch.zeros(1, 1), d.noise_mixture_prob, d.noise_mixture_std_min, d.noise_mixture_std_max)
-    except ValueError as e:
-        msg = re.sub(r"(?<![\w.])(std_min|std_max|prob)(?!\w)", lambda m: f"data.{keys[m.group(1)]}", str(e))
-        raise ConfigError(msg) from None
+    keys = {"prob": "noise_mixture_prob", "std_min": "noise_mixture_std_min", "std_max": "noise_mixture_std_max",
+            **{f.name: f.name for f in fields(DataOptions)}}
+    _library_check("data", d.check, keys)
 
 
 def _data_shape(d: DataOptions) -> tuple:
@@ -417,17 +386,6 @@ def to_run(c):
         out.sampler = _sampler_dict(c.sampler)
     out.config = common["config"]
     return out
-
-
-def legacy_override_error(argv: List[str]) -> Optional[str]:
-    """A message if a command-line override uses a field name of an older release (``runs.LEGACY_KEYS``), else None."""
-    for a in argv:
-        key = a.split("=", 1)[0].lstrip("+~") if "=" in a and not a.startswith("-") else None
-        if key in LEGACY_KEYS and LEGACY_KEYS[key][0] != key:
-            new, values = LEGACY_KEYS[key]
-            hint = f" (values: {', '.join(f'{k}->{v}' for k, v in values.items())})" if values else ""
-            return f"{key} was renamed {new}{hint}; the library's own name is the config key"
-    return None
 
 
 register_configs()

@@ -34,7 +34,7 @@ from .train import TrainOptions, derive_seed
 
 __all__ = ["DataOptions", "RunOptions", "RunConfig", "LoadedRun", "run_train", "run_sample", "run_nll", "load_run", "load_score_sde_run", "load_split",
            "make_prepare", "reference_samples", "write_json", "stream_seed", "legacy_spec", "LEGACY_KEYS",
-           "translate_legacy", "CONFIG_NAME", "SPEC_NAME", "METRICS_NAME", "SAMPLES_NAME"]
+           "translate_legacy", "legacy_override_error", "CONFIG_NAME", "SPEC_NAME", "METRICS_NAME", "SAMPLES_NAME"]
 
 log = logging.getLogger("scoresde")
 
@@ -73,6 +73,20 @@ class DataOptions:
     noise_mixture_std_max: float = 0.3
     path: Optional[str] = None
     tensor_file: Dict[str, Any] = field(default_factory=lambda: _tensor_file_defaults())
+
+    def check(self) -> "DataOptions":
+        """``ValueError`` naming the field: ``name``, ``n_train``/``n_eval``, the noise mixture (by ``noise_mixture``'s
+        own check, which names ``prob``, ``std_min``, ``std_max``). The file of ``tensor_file`` is checked on loading."""
+        from ._validate import check_choice, check_int
+        from .data.datasets import DATASET_NAMES
+        from .data.transforms import noise_mixture
+
+        check_choice("name", self.name, DATASET_NAMES)
+        for key in ("n_train", "n_eval"):
+            if getattr(self, key) is not None:
+                check_int(key, getattr(self, key))
+        noise_mixture(torch.zeros(1, 1), self.noise_mixture_prob, self.noise_mixture_std_min, self.noise_mixture_std_max)
+        return self
 
 
 def _tensor_file_defaults() -> dict:
@@ -305,6 +319,17 @@ LEGACY_KEYS = {
     "train.grad_clip": ("train.grad_clip", {0: None, 0.0: None}),
 }
 IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def legacy_override_error(argv: list) -> Optional[str]:
+    """A message if a command-line override uses a field name of an older release (``runs.LEGACY_KEYS``), else None."""
+    for a in argv:
+        key = a.split("=", 1)[0].lstrip("+~") if "=" in a and not a.startswith("-") else None
+        if key in LEGACY_KEYS and LEGACY_KEYS[key][0] != key:
+            new, values = LEGACY_KEYS[key]
+            hint = f" (values: {', '.join(f'{k}->{v}' for k, v in values.items())})" if values else ""
+            return f"{key} was renamed {new}{hint}; the library's own name is the config key"
+    return None
 
 
 def translate_legacy(cfg: dict) -> tuple[dict, list[str]]:
