@@ -153,9 +153,8 @@ class ScoreSDEModel(ScoreModel):
     def coefs(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.continuous or isinstance(self.sde, VESDE):
             return super().coefs(t)
-        i = (t * (self.sde.N - 1) / self.sde.T).long()
-        ab = self.sde.alphas_cumprod.to(t.device)[i].to(t.dtype)
-        return torch.sqrt(ab), torch.sqrt(1.0 - ab)
+        i = (t * (self.sde.N - 1) / self.sde.T).long()  # the reference truncates (labels.long())
+        return self._ddpm_coefs(i, t.dtype)
 
 
 # --- checkpoint ------------------------------------------------------------------------------------
