@@ -90,7 +90,11 @@ def _signature_fields(fn: Callable, exclude=()) -> Dict[str, tuple]:
 
 def _make_schema(cls_name: str, head: Dict[str, tuple], body: Dict[str, tuple]):
     specs = [(n, t, _default(d)) for n, (t, d) in {**head, **body}.items()]
-    return make_dataclass(cls_name, [(n, t, d if isinstance(d, dataclasses.Field) else field(default=d)) for n, t, d in specs])
+    cls = make_dataclass(cls_name, [(n, t, d if isinstance(d, dataclasses.Field) else field(default=d)) for n, t, d in specs])
+    # a module-level name, so pickled configs (Hydra's joblib / submitit launchers) find the same class again
+    cls.__module__, cls.__qualname__ = __name__, cls_name
+    globals()[cls_name] = cls
+    return cls
 
 
 def _title(name: str) -> str:
