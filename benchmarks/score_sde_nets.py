@@ -55,20 +55,32 @@ def use_per_channel_fir() -> None:
     fir._fir_up = lambda x, k, up, p0, p1: _per_channel_upfirdn(x, k, up, 1, p0, p1)
 
 
+def time_calls(fn, repeats: int, warmup: int = 1, sync=None) -> tuple[list[float], list[float]]:
+    """``warmup`` untimed calls of ``fn()``, then ``repeats`` timed ones: the wall (``perf_counter``) and
+    process CPU (``process_time``) seconds of each. ``sync`` (e.g. ``torch.cuda.synchronize``) is called
+    after every call, inside the timed interval, so asynchronous devices are timed to completion."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+        sync()
+    times, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu
+
+
 def time_net(name: str, batch: int, repeats: int) -> dict:
     build, label = NETS[name]
     net = build().eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g)
     labels = torch.full((batch,), label)
-    times, cpu = [], []
     with torch.no_grad():
-        net(x, labels)
-        for _ in range(repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            net(x, labels)
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
+        times, cpu = time_calls(lambda: net(x, labels), repeats)
     return dict(net=name, params=sum(p.numel() for p in net.parameters()), batch=batch,
                 times_s=[round(t, 4) for t in times], median_s=round(statistics.median(times), 4),
                 cpu_s=[round(t, 4) for t in cpu], median_cpu_s=round(statistics.median(cpu), 4))
