@@ -4,10 +4,14 @@ Each configuration runs in its own subprocess (so the CPU peak RSS belongs to it
 with the real loop (Adam, warm-up, clipping, EMA, final checkpoint) on random data with a VP ε-loss
 written inline (``E |net(m x0 + s z, 999 t) - z|^2``, t ~ U(1e-5, 1)), so the numbers measure the
 loop and the network, not a particular loss module. steps/s is taken over the second half of the
-run (the first half is warm-up). Memory: CUDA ``torch.cuda.max_memory_allocated``; CPU the
-process's peak resident set size (``resource.getrusage``), which includes torch itself.
+run (the first half is warm-up), in wall-clock time and in the process's CPU time (the steadier
+number on a machine shared with other jobs; with one thread the two agree on an idle machine).
+Memory: CUDA ``torch.cuda.max_memory_allocated``; CPU the process's peak resident set size
+(``resource.getrusage``), which includes torch itself.
 
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --steps 60 --out benchmarks/results/train_throughput
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --configs mlp-64d-h512-d3-quickstart unet_tiny convnet-8x8-ch32 \
+        --batches 128 --steps 200 --out benchmarks/results/train_throughput_digits
     python benchmarks/train_throughput.py --device cuda --amp bf16 --steps 400
 """
 
@@ -30,6 +34,11 @@ CONFIGS = {
     "mlp-64d-h512-d4": ("mlp", dict(dim=64, hidden=512, depth=4), (64,)),
     "unet-8x8-ch32": ("unet", dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                                    attn_resolutions=(4,), dropout=0.0), (1, 8, 8)),
+    # the three networks of the digits quickstart comparison, at the settings their configs / recipes use
+    "mlp-64d-h512-d3-quickstart": ("mlp", dict(dim=64, hidden=512, depth=3, dropout=0.1), (64,)),
+    "unet_tiny": ("unet", dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                               num_groups=8), (1, 8, 8)),
+    "convnet-8x8-ch32": ("conv", dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1), (1, 8, 8)),
     "unet-32x32-ch64": ("unet", dict(in_channels=3, image_size=32, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
                                      attn_resolutions=(16,), dropout=0.1), (3, 32, 32)),
 }
@@ -38,12 +47,12 @@ CONFIGS = {
 def run_one(name: str, batch: int, steps: int, device: str, amp: str) -> dict:
     import torch
 
-    from scoresde.nets import MLPScoreNet, UNet
+    from scoresde.nets import ConvScoreNet, MLPScoreNet, UNet
     from scoresde.sde import VPSDE, batch_broadcast
     from scoresde.train import TrainOptions, train
 
     kind, kw, shape = CONFIGS[name]
-    net = (MLPScoreNet(**kw) if kind == "mlp" else UNet(**kw)).to(device)
+    net = {"mlp": MLPScoreNet, "unet": UNet, "conv": ConvScoreNet}[kind](**kw).to(device)
     sde = VPSDE()
 
     def loss_fn(model, x0, g):
@@ -55,16 +64,23 @@ def run_one(name: str, batch: int, steps: int, device: str, amp: str) -> dict:
 
     data = torch.randn((max(4 * batch, 1024),) + shape, generator=torch.Generator().manual_seed(0))
     half = max(steps // 2, 1)
-    opts = TrainOptions(n_steps=2 * half, batch_size=batch, warmup=100, log_every=half, amp=amp, ema_rate=0.999)
+    opts = TrainOptions(n_steps=2 * half, batch_size=batch, warmup=100, log_every=half, amp=amp, ema_rate=0.999, eval_every=half)
+    cpu_marks = []  # process CPU time at steps half and 2 half (eval_fn runs right after the log line of those steps)
+
+    def mark(ema_model, step):
+        cpu_marks.append(time.process_time())
+        return {}
+
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
-        res = train(net, loss_fn, data, opts, wd, progress=False)
+        res = train(net, loss_fn, data, opts, wd, eval_fn=mark, progress=False)
         wall = time.perf_counter() - t0
     rec = {
         "config": name, "params": sum(p.numel() for p in net.parameters()), "batch": batch, "steps": 2 * half,
-        "steps_per_s": res.history[-1]["steps_per_s"], "wall_s": wall, "device": device, "amp": res.amp,
+        "steps_per_s": [h for h in res.history if "steps_per_s" in h][-1]["steps_per_s"],
+        "cpu_steps_per_s": half / (cpu_marks[-1] - cpu_marks[-2]), "wall_s": wall, "device": device, "amp": res.amp,
         "threads": torch.get_num_threads(), "final_loss": res.loss,
     }
     if device.startswith("cuda"):
@@ -76,6 +92,7 @@ def run_one(name: str, batch: int, steps: int, device: str, amp: str) -> dict:
         rec["peak_mem_mb"] = kb / 1024 * (1 / 1024 if sys.platform == "darwin" else 1)
         rec["mem_kind"] = "peak RSS of the process"
     rec["examples_per_s"] = rec["steps_per_s"] * batch
+    rec["cpu_examples_per_s"] = rec["cpu_steps_per_s"] * batch
     return rec
 
 
@@ -102,8 +119,9 @@ def main(argv=None):
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(rec)
-            print(f"{name:18s} params {rec['params']:>9,d} batch {b:5d}: {rec['steps_per_s']:8.2f} steps/s "
-                  f"{rec['examples_per_s']:10.0f} ex/s  peak {rec['peak_mem_mb']:8.1f} MiB", flush=True)
+            print(f"{name:26s} params {rec['params']:>9,d} batch {b:5d}: {rec['steps_per_s']:8.2f} steps/s "
+                  f"{rec['examples_per_s']:10.0f} ex/s ({rec['cpu_steps_per_s']:.2f} steps/s in CPU time)  "
+                  f"peak {rec['peak_mem_mb']:8.1f} MiB", flush=True)
     if a.out:
         import torch
 
@@ -116,9 +134,10 @@ def main(argv=None):
         lines = [f"# Training throughput ({a.device}, amp={a.amp})", "",
                  f"Command: `{meta['command']}`  ", f"Commit {commit}, {meta['machine']}, torch {meta['torch']}, "
                  f"OMP_NUM_THREADS={meta['OMP_NUM_THREADS']}. Memory: {rows[0]['mem_kind']}.", "",
-                 "| config | params | batch | steps/s | examples/s | peak MiB |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                 "| config | params | batch | steps/s | examples/s | steps/s (CPU time) | examples/s (CPU time) | peak MiB |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {r['config']} | {r['params']:,} | {r['batch']} | {r['steps_per_s']:.2f} | {r['examples_per_s']:.0f} | "
-                  f"{r['peak_mem_mb']:.0f} |" for r in rows]
+                  f"{r['cpu_steps_per_s']:.2f} | {r['cpu_examples_per_s']:.0f} | {r['peak_mem_mb']:.0f} |" for r in rows]
         with open(a.out + ".md", "w") as f:
             f.write("\n".join(lines) + "\n")
 

@@ -5,6 +5,7 @@ chosen by ``scoresde.model.ScoreModel.net_time``; the network does not know what
 (ε, score, ...): ``ScoreModel`` does.
 """
 
+from .convnet import ConvScoreNet
 from .ddpm import DDPM
 from .layers import GaussianFourierEmbedding, SinusoidalEmbedding, group_count
 from .mlp import MLPScoreNet
@@ -13,3 +14,4 @@ from .unet import UNet
 
 __all__ = ["SinusoidalEmbedding", "GaussianFourierEmbedding", "MLPScoreNet", "UNet", "group_count"]
 __all__ += ["NCSNpp", "DDPM"]
+__all__ += ["ConvScoreNet"]
