@@ -40,7 +40,7 @@ SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 # config name -> network class
 NETWORKS = {"mlp": nets.MLPScoreNet, "unet": nets.UNet}
-for _name, _cls in (("ncsnpp", "NCSNpp"), ("ddpm", "DDPM"), ("convnet", "ConvScoreNet")):
+for _name, _cls in (("ncsnpp", "NCSNpp"), ("ddpm", "DDPM"), ("convnet", "ConvScoreNet"), ("dit", "DiT")):
     if hasattr(nets, _cls):
         NETWORKS[_name] = getattr(nets, _cls)
 
