@@ -10,7 +10,7 @@ Memory: CUDA ``torch.cuda.max_memory_allocated``; CPU the process's peak residen
 (``resource.getrusage``), which includes torch itself.
 
     OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --steps 60 --out benchmarks/results/train_throughput
-    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --configs mlp-64d-h512-d3-quickstart unet_tiny convnet-8x8-ch32 \
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --configs mlp-64d-h512-d3-quickstart unet_tiny convnet-8x8-ch32 dit_tiny \
         --batches 128 --steps 200 --out benchmarks/results/train_throughput_digits
     python benchmarks/train_throughput.py --device cuda --amp bf16 --steps 400
 """
@@ -39,6 +39,7 @@ CONFIGS = {
     "unet_tiny": ("unet", dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                                num_groups=8), (1, 8, 8)),
     "convnet-8x8-ch32": ("conv", dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1), (1, 8, 8)),
+    "dit_tiny": ("dit", dict(in_channels=1, image_size=8, patch_size=2, hidden_size=96, depth=4, num_heads=4), (1, 8, 8)),
     "unet-32x32-ch64": ("unet", dict(in_channels=3, image_size=32, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
                                      attn_resolutions=(16,), dropout=0.1), (3, 32, 32)),
 }
@@ -47,12 +48,12 @@ CONFIGS = {
 def run_one(name: str, batch: int, steps: int, device: str, amp: str) -> dict:
     import torch
 
-    from scoresde.nets import ConvScoreNet, MLPScoreNet, UNet
+    from scoresde.nets import ConvScoreNet, DiT, MLPScoreNet, UNet
     from scoresde.sde import VPSDE, batch_broadcast
     from scoresde.train import TrainOptions, train
 
     kind, kw, shape = CONFIGS[name]
-    net = {"mlp": MLPScoreNet, "unet": UNet, "conv": ConvScoreNet}[kind](**kw).to(device)
+    net = {"mlp": MLPScoreNet, "unet": UNet, "conv": ConvScoreNet, "dit": DiT}[kind](**kw).to(device)
     sde = VPSDE()
 
     def loss_fn(model, x0, g):
