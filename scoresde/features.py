@@ -15,6 +15,11 @@ Inception FID (optional): ``InceptionFeatures(path)`` wraps a TorchScript Incept
 user already has, with the interface of NVlabs' ``inception-2015-12-05.pt`` (StyleGAN2-ADA metrics):
 ``net(images, return_features=True) -> (B, 2048)``, images ``(B, 3, H, W)`` uint8 values in
 ``[0, 255]``, resized inside the network. Nothing is downloaded.
+
+Precomputed reference statistics: ``save_reference_stats(path, images, extractor)`` writes the feature mean and
+covariance as ``mu`` and ``sigma`` in an ``.npz`` (the layout of the FID statistics files published with TTUR /
+pytorch-fid, e.g. CIFAR-10 train statistics of Inception pool features), and ``frechet_distance_to_stats(samples,
+path, extractor)`` scores samples against such a file without the reference images.
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ __all__ = [
     "train_feature_classifier",
     "default_cache_dir",
     "frechet_distance_images",
+    "frechet_distance_to_stats",
     "image_features",
+    "load_reference_stats",
+    "save_reference_stats",
 ]
 
 CHECKPOINT_FORMAT = "scoresde-feature-classifier"
@@ -336,3 +344,72 @@ class InceptionFeatures(nn.Module):
         if pix.shape[1] == 1:
             pix = pix.expand(-1, 3, -1, -1)
         return self.net(pix, return_features=True)
+
+
+def save_reference_stats(path, images, extractor: nn.Module, batch_size: int = 500) -> Path:
+    """Write ``mu (F,)`` and ``sigma (F, F)`` (float64) of ``extractor``'s features of ``images`` to ``path`` (``.npz``).
+
+    ``images``: as ``image_features`` (model-scale floats, integer levels or a ``DataSet``), at least 2.
+    Returns the path written (NumPy appends ``.npz`` when missing).
+    """
+    import numpy as np
+
+    from .metrics import gaussian_stats
+
+    mu, sigma = gaussian_stats(image_features(images, extractor, batch_size))
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    np.savez(path, mu=mu, sigma=sigma)
+    return path
+
+
+def load_reference_stats(path) -> tuple:
+    """``(mu (F,), sigma (F, F))`` from an ``.npz`` holding arrays ``mu`` and ``sigma`` (FID statistics files).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for missing keys or
+    inconsistent shapes.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {str(path)!r} not found (an .npz with arrays 'mu' and 'sigma')")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"reference statistics {str(path)!r} are not a readable .npz (not a zip archive)")
+    try:
+        with np.load(path) as f:
+            missing = [k for k in ("mu", "sigma") if k not in f.files]
+            if missing:
+                raise ValueError(f"reference statistics {str(path)!r} lack {missing}: it holds {sorted(f.files)}; "
+                                 "expected arrays 'mu' (F,) and 'sigma' (F, F)")
+            mu, sigma = np.asarray(f["mu"], dtype=np.float64), np.asarray(f["sigma"], dtype=np.float64)
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # truncated
+        raise ValueError(f"reference statistics {str(path)!r} are not a readable .npz: {e}") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"reference statistics {str(path)!r}: 'mu' must be (F,) and 'sigma' (F, F); "
+                         f"got {mu.shape} and {sigma.shape}")
+    return mu, sigma
+
+
+def frechet_distance_to_stats(samples, stats, extractor: nn.Module, batch_size: int = 500) -> float:
+    """Fréchet distance of ``samples``' feature Gaussian to precomputed reference statistics.
+
+    ``stats``: a path to an ``.npz`` with ``mu``, ``sigma`` (``load_reference_stats``) or a ``(mu, sigma)`` pair;
+    its feature dimension must be the extractor's. With ``InceptionFeatures`` and the published statistics of a
+    data set this is the usual FID. ``samples``: as ``image_features``, at least 2. Returns a float >= 0.
+    """
+    from .metrics import gaussian_frechet_distance, gaussian_stats
+
+    where = f"reference statistics {str(stats)!r}" if isinstance(stats, (str, os.PathLike)) else "reference statistics"
+    mu_r, sigma_r = load_reference_stats(stats) if isinstance(stats, (str, os.PathLike)) else stats
+    feats = image_features(samples, extractor, batch_size)
+    if feats.shape[0] < 2:
+        raise ValueError(f"frechet_distance_to_stats needs at least 2 samples; got {feats.shape[0]}")
+    if feats.shape[1] != len(mu_r):
+        raise ValueError(f"{where} have {len(mu_r)} features but the extractor gives {feats.shape[1]}: "
+                         "they were computed with another feature network")
+    mu, sigma = gaussian_stats(feats)
+    return gaussian_frechet_distance(mu, sigma, mu_r, sigma_r)

@@ -1,4 +1,4 @@
-"""Two-sample distances between sample sets: MMD, sliced Wasserstein, Fréchet distance.
+"""Two-sample distances between sample sets: MMD, sliced Wasserstein, Fréchet distance, k-NN precision / recall.
 
 All functions take samples as ``(n, *dims)`` tensors (flattened to ``(n, D)`` inside) and compute in
 the inputs' dtype and device. Features for image metrics are pluggable: pass any feature matrix to
@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["mmd2_unbiased", "median_bandwidth", "sliced_wasserstein", "frechet_distance", "gaussian_frechet_distance"]
+__all__ = ["mmd2_unbiased", "median_bandwidth", "sliced_wasserstein", "frechet_distance", "gaussian_frechet_distance",
+           "gaussian_stats", "knn_radii", "precision_recall"]
 
 DEFAULT_BANDWIDTH_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -156,3 +157,59 @@ def frechet_distance(feats_x: torch.Tensor, feats_y: torch.Tensor) -> float:
     xf, yf = xf.double(), yf.double()
     return gaussian_frechet_distance(xf.mean(0), torch.cov(xf.T).reshape(xf.shape[1], xf.shape[1]),
                                      yf.mean(0), torch.cov(yf.T).reshape(yf.shape[1], yf.shape[1]))
+
+
+def gaussian_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu (F,), sigma (F, F))``: mean and unbiased covariance of ``feats (n, *dims)`` (``n >= 2``), float64.
+
+    The reference statistics of FID files (``mu``, ``sigma``): ``frechet_distance(x, y)`` equals
+    ``gaussian_frechet_distance(*gaussian_stats(x), *gaussian_stats(y))``.
+    """
+    if not torch.is_tensor(feats) or feats.dim() < 1:
+        raise TypeError(f"feats must be a tensor of shape (n, *dims); got {type(feats).__name__}")
+    f = feats.reshape(feats.shape[0], -1).double().cpu()
+    if f.shape[0] < 2:
+        raise ValueError(f"gaussian_stats needs at least 2 samples; got {f.shape[0]}")
+    return f.mean(0).numpy(), torch.cov(f.T).reshape(f.shape[1], f.shape[1]).numpy()
+
+
+def _pairwise_dist(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """Euclidean distances ``(n, m)`` between the rows of ``a (n, F)`` and ``b (m, F)``, computed in blocks."""
+    return torch.cat([torch.cdist(a[i:i + block], b) for i in range(0, a.shape[0], block)]) if a.shape[0] else a.new_zeros(0, b.shape[0])
+
+
+def knn_radii(feats: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Radius of each point's k-NN ball within its own set: the distance to its ``k``-th nearest *other*
+    point. ``feats (n, F)`` with ``n > k``; returns ``(n,)``."""
+    n = feats.shape[0]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an integer >= 1; got {k!r}")
+    if n <= k:
+        raise ValueError(f"k-NN radii with k={k} need more than k points; got {n}")
+    d = _pairwise_dist(feats, feats)
+    # the k+1-th smallest distance (the smallest is the point itself, at 0)
+    return d.kthvalue(k + 1, dim=1).values
+
+
+def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """Fraction of ``points`` that lie in at least one ball ``|p - centres[j]| <= radii[j]``."""
+    d = _pairwise_dist(points, centres)
+    return float((d <= radii[None, :]).any(dim=1).double().mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkäänniemi et al., 2019) of ``fake`` against ``real`` features.
+
+    The support of each set is estimated as the union of its points' k-NN balls,
+    ``M(X) = U_i B(x_i, r_k(x_i))`` with ``r_k`` the distance to the ``k``-th nearest other point of the same set;
+    then ``precision = mean_j 1[fake_j in M(real)]`` (how much of the model's mass is realistic) and
+    ``recall = mean_i 1[real_i in M(fake)]`` (how much of the data the model covers). Both lie in ``[0, 1]``.
+    The paper uses ``k = 3`` and equal set sizes (the estimates depend on ``n``: compare at the same size).
+
+    Shapes: ``real (n, *dims)``, ``fake (m, *dims)`` (flattened), ``n, m > k``. Computed in float64 on the inputs'
+    device. Returns ``{"precision": float, "recall": float, "k": k}``.
+    """
+    rf, ff = _flat_pair(real, fake, "real", "fake")
+    rf, ff = rf.double(), ff.double()
+    r_real, r_fake = knn_radii(rf, k), knn_radii(ff, k)
+    return {"precision": _coverage(ff, rf, r_real), "recall": _coverage(rf, ff, r_fake), "k": k}

@@ -105,3 +105,30 @@ def test_inception_path_pixel_mapping(tmp_path):
     # feature covariance is singular and the matrix square root loses ~sqrt(eps) relative to tr(cov)
     fd = frechet_distance_images(y, y.flip(0), inc)
     assert abs(fd) < 1e-6 * 48 * 256**2 / 12
+
+
+def test_reference_stats_file_gives_the_same_distance(extractor, tmp_path):
+    test, train = load_dataset("digits", "test"), load_dataset("digits", "train")
+    path = features.save_reference_stats(tmp_path / "digits_train", train, extractor)
+    assert path.name == "digits_train.npz"
+    mu, sigma = features.load_reference_stats(path)
+    assert mu.shape == (64,) and sigma.shape == (64, 64)
+    direct = frechet_distance_images(test, train, extractor)
+    assert features.frechet_distance_to_stats(test, path, extractor) == pytest.approx(direct, rel=1e-9, abs=1e-9)
+    assert features.frechet_distance_to_stats(test, (mu, sigma), extractor) == pytest.approx(direct, rel=1e-9, abs=1e-9)
+
+
+def test_reference_stats_errors_name_the_file(extractor, tmp_path):
+    import numpy as np
+
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        features.load_reference_stats(tmp_path / "nope.npz")
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    with pytest.raises(ValueError, match=r"bad\.npz.*lack \['mu', 'sigma'\]"):
+        features.load_reference_stats(tmp_path / "bad.npz")
+    np.savez(tmp_path / "dims.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="2048 features but the extractor gives 64"):
+        features.frechet_distance_to_stats(load_dataset("digits", "test"), tmp_path / "dims.npz", extractor)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz.*not a readable"):
+        features.load_reference_stats(tmp_path / "junk.npz")

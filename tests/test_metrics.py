@@ -10,7 +10,10 @@ import pytest
 import scipy.linalg
 import torch
 
-from scoresde.metrics import frechet_distance, gaussian_frechet_distance, median_bandwidth, mmd2_unbiased, sliced_wasserstein
+from scoresde.metrics import (
+    frechet_distance, gaussian_frechet_distance, gaussian_stats, knn_radii, median_bandwidth, mmd2_unbiased, precision_recall,
+    sliced_wasserstein,
+)
 
 F64 = torch.float64
 
@@ -129,3 +132,47 @@ def test_metrics_validate_inputs():
         frechet_distance(x[:1], x)
     with pytest.raises(TypeError):
         mmd2_unbiased(np.zeros((5, 3)), x)
+
+
+def test_precision_recall_hand_computed_1d():
+    # k = 1 radii of real [0, 1, 3, 7]: 1, 1, 2, 4 -> M(real) = [-1, 11]; fake [0.5, 12, -2, 10] -> precision 2/4.
+    # radii of fake: 2.5, 2, 2.5, 2 -> M(fake) = [-4.5, 3] U [8, 14] holds 0, 1, 3 but not 7 -> recall 3/4.
+    real = torch.tensor([[0.0], [1.0], [3.0], [7.0]])
+    fake = torch.tensor([[0.5], [12.0], [-2.0], [10.0]])
+    pr = precision_recall(real, fake, k=1)
+    assert pr == {"precision": 0.5, "recall": 0.75, "k": 1}
+    assert knn_radii(real.double(), 1).tolist() == [1.0, 1.0, 2.0, 4.0]
+
+
+def test_precision_recall_identity_shift_and_mode_dropping():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 5, generator=g)
+    b = torch.randn(200, 5, generator=g) + 100.0
+    real = torch.cat([a, b])
+    assert precision_recall(real, real) == {"precision": 1.0, "recall": 1.0, "k": 3}
+    far = precision_recall(real, real + 1000.0)
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    # a model that draws only one of two equally likely modes: every sample realistic, half the data covered
+    dropped = precision_recall(real, a.clone())
+    assert dropped["precision"] == 1.0 and dropped["recall"] == 0.5
+    # permuting either set changes nothing
+    perm = torch.randperm(400, generator=g)
+    assert precision_recall(real[perm], a.flip(0)) == dropped
+
+
+def test_precision_recall_validates():
+    with pytest.raises(ValueError, match="more than k"):
+        precision_recall(torch.zeros(3, 2), torch.zeros(10, 2), k=3)
+    with pytest.raises(ValueError, match="k must be"):
+        precision_recall(torch.zeros(10, 2), torch.zeros(10, 2), k=0)
+    with pytest.raises(ValueError, match="same number of features"):
+        precision_recall(torch.zeros(10, 2), torch.zeros(10, 3))
+
+
+def test_gaussian_stats_reproduce_frechet_distance():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 4, generator=g), torch.randn(60, 4, generator=g) * 2 + 1
+    mu1, s1 = gaussian_stats(x)
+    mu2, s2 = gaussian_stats(y)
+    assert mu1.shape == (4,) and s1.shape == (4, 4)
+    assert gaussian_frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(x, y), rel=1e-12)
