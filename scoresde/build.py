@@ -181,10 +181,17 @@ def find_checkpoint(path) -> Path:
     raise FileNotFoundError(f"no such checkpoint file or run directory: {str(p)!r}")
 
 
-def load(path, ema: bool = True, device=None, dtype=None, spec: Optional[dict] = None) -> tuple[ScoreModel, SDE]:
-    """Rebuild a trained model from a training checkpoint: ``(model, sde)``, model in eval mode.
+def _is_export_dir(path) -> bool:
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / "model.safetensors").is_file() and (p / "config.json").is_file()
 
-    ``path``: a checkpoint file (``checkpoint.pt``, ``best.pt``) or a run directory (``find_checkpoint``).
+
+def load(path, ema: bool = True, device=None, dtype=None, spec: Optional[dict] = None) -> tuple[ScoreModel, SDE]:
+    """Rebuild a trained model from a training checkpoint or an exported directory: ``(model, sde)``, model in eval mode.
+
+    ``path``: a checkpoint file (``checkpoint.pt``, ``best.pt``), a run directory (``find_checkpoint``), or a directory
+    written by ``scoresde.export.export_safetensors`` (``model.safetensors`` + ``config.json``, the EMA weights and
+    their build spec; read without the training checkpoint, needs the ``safetensors`` package).
     ``ema``: the EMA weights (default; ``best.pt`` holds only these) or the raw trained weights.
     ``spec``: for checkpoints written before checkpoints carried their spec (the edge passes the one it
     translates from the run's ``config.yaml``). Raises ``ValueError`` naming the file when it is not a
@@ -192,6 +199,13 @@ def load(path, ema: bool = True, device=None, dtype=None, spec: Optional[dict] =
     """
     from .checkpoint import check_state_dict, load_checkpoint
 
+    if _is_export_dir(path):
+        if not ema:
+            raise ValueError(f"{str(path)!r} is an exported model directory: it holds only the EMA weights (ema=True)")
+        from .export import load_exported
+
+        model = load_exported(path, device=device, dtype=dtype)
+        return model, model.sde
     file = find_checkpoint(path)
     state = load_checkpoint(file, map_location="cpu", required_keys=("ema",))
     spec = state.get("spec") or spec
