@@ -55,19 +55,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path, map_location=None, required_keys=()) -> dict:
-    """Read a checkpoint written by ``save_checkpoint`` (``weights_only`` unpickling).
+# a run directory's two checkpoints: when one is unreadable, the message points to the other
+_OTHER = {"checkpoint.pt": "best.pt", "best.pt": "checkpoint.pt"}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def load_checkpoint(path, map_location=None, required_keys=(), mmap: bool = False) -> dict:
+    """Read a checkpoint written by ``save_checkpoint`` (``weights_only`` unpickling; ``mmap``: map the file
+    instead of reading it, for a quick look at a few entries).
 
     Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError`` naming the file if it
-    is corrupt, not a dict, or lacks any of ``required_keys``.
+    is corrupt or truncated (suggesting the run's other checkpoint if there is one), not a dict, or lacks
+    any of ``required_keys``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torn zip, pickle errors, EOF, ...
-        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or not a torch checkpoint: {type(e).__name__}: {e}") from e
+        other = path.with_name(_OTHER[path.name]) if path.name in _OTHER else None
+        hint = f"; the run's other checkpoint {str(other)!r} may still be good (give it as ckpt)" if other and other.is_file() else ""
+        raise ValueError(f"checkpoint file {str(path)!r} is corrupt or truncated ({_first_line(e)}){hint}") from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint file {str(path)!r} holds a {type(state).__name__}, expected a dict")
     missing = [k for k in required_keys if k not in state]

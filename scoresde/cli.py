@@ -4,7 +4,9 @@ Each Hydra app composes its config from ``scoresde/configs`` (schemas: ``scoresd
 before any work, turns it into plain objects (``config.to_run``) and hands them to the library
 (``scoresde.runs``, ``scoresde.compare``, ``scoresde.report``). Messages go through ``logging`` (logger
 ``scoresde``), so Hydra's ``<run dir>/<app>.log`` holds what the console showed. A user error (a bad config
-value, a missing file) prints one line and exits with status 2 (the traceback with ``HYDRA_FULL_ERROR=1``).
+value, a missing file, a run directory in use or holding another run) prints one line and exits with status 2 (the
+traceback with ``HYDRA_FULL_ERROR=1`` or ``--debug``). Every job of a command, each point of a ``-m`` sweep too,
+is composed and validated before the first one starts and before anything is written (``precheck``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable, Optional
 
 from . import config as C
 
-__all__ = ["train_main", "sample_main", "nll_main", "compare_main", "report_main", "CollateCallback"]
+__all__ = ["precheck", "train_main", "sample_main", "nll_main", "compare_main", "report_main", "CollateCallback"]
 
 log = logging.getLogger("scoresde")
 
@@ -26,6 +28,35 @@ log = logging.getLogger("scoresde")
 def _fail(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _debug() -> bool:
+    """Tracebacks wanted: ``HYDRA_FULL_ERROR=1`` or the ``--debug`` flag (which sets it)."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+# what a user can get wrong once the config is valid: a missing, unreadable or unfitting file, a run directory in use,
+# a checkpoint of another model, a sampler its SDE cannot use, ... (``ValueError`` includes ``ConfigError``)
+USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+        msg = f"{msg} ({e.filename})"
+    lines = [ln for ln in msg.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _report(e: BaseException) -> None:
+    """One line on stderr and exit 2 (the traceback instead with ``HYDRA_FULL_ERROR=1`` / ``--debug``)."""
+    if _debug():
+        raise e
+    if isinstance(e, C.ConfigError):
+        _fail(f"Config error: {_one_line(e)}")
+    if isinstance(e, KeyError):
+        _fail(f"Error: missing entry {_one_line(e)} (is the file given the right kind of file?)")
+    _fail(f"Error: {_one_line(e)}")
 
 
 def _hydra_app(config_name: str, run_fn: Callable) -> Callable:
@@ -43,20 +74,86 @@ def _hydra_app(config_name: str, run_fn: Callable) -> Callable:
                 C.check_sampler_against_run(obj)
             plain = C.to_run(obj)
             metrics = run_fn(plain, Path(HydraConfig.get().runtime.output_dir))
-        except C.ConfigError as e:
-            _fail(f"Config error: {e}")
-        except (ValueError, FileNotFoundError) as e:  # a user error found once the run is loaded (a sampler its SDE
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":  # cannot use, a missing or corrupt file, ...)
-                raise
-            _fail(f"Error: {e}")
+        except USER_ERRORS as e:  # a bad value, or a user error found once the run is loaded
+            _report(e)
         r = (metrics or {}).get("nll", {}).get("test") if isinstance(metrics, dict) else None
         return r["bpd"] if r else None  # a scalar a sweeper could minimise
 
     return app
 
 
+def _jobs(overrides: list, multirun: bool) -> list:
+    """The override lists of the jobs a command runs: one, or every point of a ``-m`` sweep (Hydra's basic sweeper's
+    expansion)."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _sweep_keys(overrides: list) -> set:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.get_key_element() for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()}
+
+
+def precheck(config_name: str, argv: list) -> None:
+    """Every check of every job before Hydra starts the first one or writes anything: compose each job's config
+    (every point of a ``-m`` sweep), ``config.validate`` it (unknown keys added with ``+`` included) and, for a
+    single ``scoresde-train`` into an existing ``hydra.run.dir``, check that directory (``runs.check_run_dir``,
+    its lock). A user error exits 2 with one line naming the job. Commands with other flags (``--help``,
+    ``--cfg``, ...) and configs Hydra itself cannot compose are left to Hydra, which reports them."""
+    flags = [a for a in argv if a.startswith("-")]
+    if any(a not in ("-m", "--multirun") for a in flags):
+        return
+    multirun = bool(flags)
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        from hydra import compose, initialize_config_module
+
+        jobs = _jobs(overrides, multirun)
+        swept = _sweep_keys(overrides) if multirun else set()
+    except Exception:  # a syntax Hydra reports itself
+        return
+    with initialize_config_module(config_module="scoresde.configs", version_base="1.3"):
+        for i, job in enumerate(jobs):
+            try:
+                cfg = compose(config_name, overrides=job)
+            except Exception:  # composition errors: Hydra's own message when it runs
+                return
+            where = f" (job {i}: {' '.join(j for j in job if j.split('=', 1)[0] in swept)})" if multirun else ""
+            try:
+                obj = C.validate(cfg)
+                if isinstance(obj, C.SampleAppConfig):
+                    C.check_sampler_against_run(obj)
+                if config_name == "train" and not multirun:
+                    _check_train_dir(C.to_run(obj), job)
+            except USER_ERRORS as e:
+                if where and not _debug():
+                    _fail(f"{'Config error' if isinstance(e, C.ConfigError) else 'Error'}{where}: {_one_line(e)}")
+                _report(e)
+
+
+def _check_train_dir(c, overrides: list) -> None:
+    """``scoresde-train`` into an explicit ``hydra.run.dir``: the directory's run and lock, read only."""
+    from .runs import RunLock, check_run_dir
+
+    dirs = [a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")]
+    if not dirs or not Path(dirs[-1]).is_dir():
+        return
+    run_dir = Path(dirs[-1])
+    RunLock(run_dir).check()
+    check_run_dir(c, run_dir)
+
+
 def _run_app(config_name: str, run_fn: Callable, argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     legacy = C.legacy_override_error(argv)
     if legacy:
         _fail(f"Config error: {legacy}")
@@ -65,8 +162,11 @@ def _run_app(config_name: str, run_fn: Callable, argv=None) -> None:
 
         try:
             argv = expand_score_sde_argv(argv)
-        except ValueError as e:
-            _fail(f"Error in score_sde_config: {e}")
+        except USER_ERRORS as e:
+            if _debug():
+                raise
+            _fail(f"Error in score_sde_config: {_one_line(e)}")
+    precheck(config_name, argv)
     old = sys.argv
     sys.argv = [old[0] if old else f"scoresde-{config_name}"] + argv
     try:

@@ -128,12 +128,17 @@ class _Common:
     device: str = "auto"
     dtype: str = "float32"
     progress: bool = True
+    allow_nonfinite: bool = False
 
 
 @dataclass
 class TrainAppConfig(_Common):
-    """``scoresde-train``: train one model, then sample and evaluate it."""
+    """``scoresde-train``: train one model, then sample and evaluate it. ``resume``: continue the run in the
+    directory (it must be the same run); ``resume=false`` starts over, in a directory holding a run only with
+    ``overwrite=true``."""
 
+    resume: bool = True
+    overwrite: bool = False
     sde: Any = MISSING
     model: Any = MISSING
     data: DataOptions = field(default_factory=DataOptions)
@@ -318,12 +323,45 @@ def check_sampler_against_run(c) -> None:
         check_sampler(_sampler_dict(c.sampler), build.build_sde(spec["sde"]["name"], **spec["sde"]["kwargs"]))
 
 
+def _unknown_keys(node, prefix: str = "") -> list:
+    """``(full key, close matches)`` of every key of a composed config that its schema lacks (a key added with ``+``,
+    which OmegaConf would otherwise drop silently when building the dataclasses)."""
+    import difflib
+
+    out = []
+    if not isinstance(node, DictConfig):
+        return out
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    for key in node.keys():
+        if prefix == "" and key == "hydra":
+            continue
+        full = f"{prefix}{key}"
+        if known is not None and key not in known:
+            out.append((full, difflib.get_close_matches(str(key), sorted(known), n=1)))
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            out.extend(_unknown_keys(child, full + "."))
+    return out
+
+
+def check_unknown_keys(cfg) -> None:
+    """``ConfigError`` naming every key the app's schema does not have (with the closest known key)."""
+    bad = _unknown_keys(cfg)
+    if bad:
+        parts = [f"{k}" + (f" (did you mean {k.rsplit('.', 1)[0] + '.' if '.' in k else ''}{m[0]}?)" if m else "") for k, m in bad]
+        raise ConfigError(f"unknown key(s) {', '.join(parts)}: the schema has no such field (a key added with + is not used)")
+
+
 def validate(cfg):
     """Convert a composed app config to its dataclasses and check every field (before any data is loaded).
 
     ``cfg``: a ``DictConfig`` composed from one of the app schemas (or the dataclass itself). Returns the
     dataclass instance. Raises ``ConfigError`` naming the field and the allowed values.
     """
+    if isinstance(cfg, DictConfig):
+        check_unknown_keys(cfg)
     c = cfg if is_dataclass(cfg) else OmegaConf.to_object(cfg)
     _check_common(c)
     if hasattr(c, "eval"):
@@ -333,6 +371,8 @@ def validate(cfg):
     if hasattr(c, "train"):
         _library_check("train", lambda: _split_train(c.train), [f.name for f in fields(c.train)])
     if isinstance(c, TrainAppConfig):
+        if c.overwrite and c.resume:
+            raise ConfigError("overwrite=true deletes the run in the directory and needs resume=false; got resume=true")
         kw = _group_kwargs(c.sde, "name")
         sde = _library_check("sde", lambda: build.build_sde(c.sde.name, **kw), list(kw))
         _, loss = _split_train(c.train)
@@ -370,7 +410,8 @@ def to_plain(obj) -> Any:
 def to_run(c):
     """The plain objects of a validated app config: ``runs.RunConfig`` (train), ``compare.CompareConfig``, or the
     app dataclass itself with ``sampler`` as a dict and ``config`` set (sample, nll)."""
-    common = dict(seed=c.seed, device=c.device, dtype=c.dtype, progress=c.progress, config=to_plain(c))
+    common = dict(seed=c.seed, device=c.device, dtype=c.dtype, progress=c.progress, config=to_plain(c),
+                  allow_nonfinite=c.allow_nonfinite)
     if isinstance(c, (TrainAppConfig, CompareAppConfig)):
         train, loss = _split_train(c.train)
         net = None if c.model.name == "oracle" else {"name": c.model.name, "kwargs": _tuples(_group_kwargs(c.model, "name"))}
@@ -384,7 +425,7 @@ def to_run(c):
                                  parameterization=param, **common)
         sde = {"name": c.sde.name, "kwargs": _group_kwargs(c.sde, "name")}
         return RunConfig(sde=sde, net=net, data=c.data, sampler=_sampler_dict(c.sampler), train=train, loss=loss,
-                         eval=c.eval, parameterization=param, **common)
+                         eval=c.eval, parameterization=param, resume=c.resume, overwrite=c.overwrite, **common)
     out = dataclasses.replace(c)
     if isinstance(c, SampleAppConfig):
         out.sampler = _sampler_dict(c.sampler)

