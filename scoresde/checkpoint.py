@@ -60,8 +60,10 @@ _OTHER = {"checkpoint.pt": "best.pt", "best.pt": "checkpoint.pt"}
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (torch's zip errors go on for lines)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    first = text[0].split(". ")[0].rstrip(".") if text else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def load_checkpoint(path, map_location=None, required_keys=(), mmap: bool = False) -> dict:

@@ -129,6 +129,8 @@ def precheck(config_name: str, argv: list) -> None:
                 obj = C.validate(cfg)
                 if isinstance(obj, C.SampleAppConfig):
                     C.check_sampler_against_run(obj)
+                if i == 0:
+                    _check_writable(_override(job, "hydra.sweep.dir" if multirun else "hydra.run.dir"))
                 if config_name == "train" and not multirun:
                     _check_train_dir(C.to_run(obj), job)
             except USER_ERRORS as e:
@@ -137,14 +139,42 @@ def precheck(config_name: str, argv: list) -> None:
                 _report(e)
 
 
+def _override(overrides: list, key: str) -> Optional[Path]:
+    vals = [a.split("=", 1)[1] for a in overrides if a.split("=", 1)[0].lstrip("+") == key and "=" in a]
+    return Path(vals[-1]).expanduser() if vals else None
+
+
+def _check_writable(d: Optional[Path]) -> None:
+    """An output directory given on the command line can be created and written (tried, then undone)."""
+    if d is None:
+        return
+    made = []
+    try:
+        missing = [p for p in [d, *d.parents] if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            made.append(p)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise OSError(f"output directory {str(d)!r} cannot be written ({e.strerror}); give a writable one") from None
+    finally:
+        for p in reversed(made):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+
+
 def _check_train_dir(c, overrides: list) -> None:
     """``scoresde-train`` into an explicit ``hydra.run.dir``: the directory's run and lock, read only."""
     from .runs import RunLock, check_run_dir
 
-    dirs = [a.split("=", 1)[1] for a in overrides if a.startswith("hydra.run.dir=")]
-    if not dirs or not Path(dirs[-1]).is_dir():
+    run_dir = _override(overrides, "hydra.run.dir")
+    if run_dir is None or not run_dir.is_dir():
         return
-    run_dir = Path(dirs[-1])
     RunLock(run_dir).check()
     check_run_dir(c, run_dir)
 

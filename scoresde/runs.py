@@ -217,7 +217,10 @@ def load_split(data: DataOptions, split: str, seed: int = 0):
     if data.name == "tensor_file":
         opts = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(data.tensor_file).items()}
         extra = dict(path=data.path, centered=data.centered, **opts)
-    return load_dataset(data.name, split=split, root=data.root, download=data.download, n=n, seed=seed, **extra)
+    try:
+        return load_dataset(data.name, split=split, root=data.root, download=data.download, n=n, seed=seed, **extra)
+    except FileNotFoundError as e:  # name the config key too (the apps' users set data.download, not download)
+        raise FileNotFoundError(str(e).replace("pass download=True", "pass download=True (config key data.download=true)")) from None
 
 
 def make_prepare(data: DataOptions, levels: Optional[int], dtype: torch.dtype) -> Callable:

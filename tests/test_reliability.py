@@ -216,3 +216,56 @@ def test_unknown_key_added_with_plus_is_rejected(tmp_path, capsys):
     line = fails_with_one_line(train_main, TINY + ["+train.n_step=50", f"hydra.run.dir={tmp_path / 'r'}"], capsys)
     assert "train.n_step" in line and "did you mean train.n_steps" in line
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------- 8. one line, exit 2
+SAMPLE = ["progress=false", "sampler=ddim", "sampler.steps=3", "eval.n_samples=4", "eval.batch_size=4", "eval.quality=false"]
+
+
+def test_missing_and_wrong_ckpt_are_one_line(finished, tmp_path, capsys):
+    assert "exactly one of ckpt" in fails_with_one_line(sample_main, SAMPLE + [f"hydra.run.dir={tmp_path / 'a'}"], capsys)
+    assert "no such file" in fails_with_one_line(sample_main, SAMPLE + ["ckpt=nowhere", f"hydra.run.dir={tmp_path / 'b'}"], capsys)
+    sample_main(SAMPLE + [f"ckpt={finished}", f"hydra.run.dir={tmp_path / 's'}"])
+    # a scoresde-sample output directory given as ckpt (before: "Missing key sde")
+    line = fails_with_one_line(sample_main, SAMPLE + [f"ckpt={tmp_path / 's'}", f"hydra.run.dir={tmp_path / 'c'}"], capsys)
+    assert "not a sample or nll output directory" in line
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "best.pt"])
+def test_corrupt_or_truncated_checkpoint_names_the_file_and_the_other_one(tmp_path, capsys, name):
+    d = tmp_path / "run"
+    train_main(TINY + ["train.eval_every=10", f"hydra.run.dir={d}"])
+    data = (d / name).read_bytes()
+    (d / name).write_bytes(data[: len(data) // 3])
+    line = fails_with_one_line(sample_main, SAMPLE + [f"ckpt={d / name}", f"hydra.run.dir={tmp_path / 's'}"], capsys)
+    other = "best.pt" if name == "checkpoint.pt" else "checkpoint.pt"
+    assert f"{name}' is corrupt or truncated" in line and f"{other}' may still be good" in line
+    assert len(line) < 400
+
+
+def test_unwritable_output_directory_is_one_line(finished, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    line = fails_with_one_line(sample_main, SAMPLE + [f"ckpt={finished}", f"hydra.run.dir={tmp_path / 'file' / 'out'}"], capsys)
+    assert "cannot be written" in line
+    line = fails_with_one_line(train_main, TINY + [f"hydra.run.dir={tmp_path / 'file' / 'run'}"], capsys)
+    assert "cannot be written" in line
+
+
+def test_missing_image_archive_names_the_config_key(tmp_path, capsys):
+    line = fails_with_one_line(train_main, ["train=tiny", "progress=false", "data=mnist", f"data.root={tmp_path / 'none'}",
+                                            "model=unet_tiny", f"hydra.run.dir={tmp_path / 'r'}"], capsys)
+    assert "data.download=true" in line
+
+
+def test_score_sde_config_whose_get_config_returns_the_wrong_type(tmp_path, capsys):
+    f = tmp_path / "cfg.py"
+    f.write_text("def get_config():\n    return 42\n")
+    line = fails_with_one_line(train_main, [f"score_sde_config={f}"], capsys)
+    assert "returned a int" in line and "ConfigDict" in line
+
+
+def test_debug_flag_gives_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(Exception, match="no such file"):
+        sample_main(SAMPLE + ["--debug", "ckpt=nowhere", f"hydra.run.dir={tmp_path / 'b'}"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)

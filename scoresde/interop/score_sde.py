@@ -71,6 +71,8 @@ def load_config(config):
 
 
 def _config_from_file(path: Path):
+    import ml_collections
+
     if not path.is_file():
         raise FileNotFoundError(f"score_sde config file not found: {path}")
     if path.suffix != ".py":
@@ -86,7 +88,11 @@ def _config_from_file(path: Path):
         spec.loader.exec_module(module)
         if not callable(getattr(module, "get_config", None)):
             raise ValueError(f"{path} defines no get_config(); a score_sde config file must")
-        return module.get_config()
+        config = module.get_config()
+        if not isinstance(config, (ml_collections.ConfigDict, Mapping)):
+            raise TypeError(f"get_config() of {path} returned a {type(config).__name__}; it must return an "
+                            "ml_collections.ConfigDict (or a dict)")
+        return config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(dict(config))
     finally:
         sys.path.remove(str(root))
         for k in [k for k in sys.modules if k == "configs" or k.startswith("configs.")]:
