@@ -18,8 +18,11 @@ import torch
 from ..sde import SDE, VESDE
 from .._validate import check_choice, check_int, check_positive
 from ._common import SCHEDULES, CountingScore, Noise, SampleResult, _check_bool
+from .dpm_solver_pp import check_dpm_solver_adaptive_options, check_dpm_solver_pp_options, sample_dpm_solver_adaptive, sample_dpm_solver_pp
+from .edm import check_edm_options, sample_edm
 from .fast import sample_ddim, sample_dpm_solver, sample_heun
 from .ode import ADAPTIVE_ODE_METHODS, ERROR_NORMS, FIXED_ODE_METHODS, ODE_METHODS, sample_ode
+from .unipc import check_unipc_options, sample_unipc
 from .pc import CORRECTORS, PREDICTORS, PROBABILITY_FLOW_PREDICTORS, sample_langevin, sample_pc
 
 __all__ = [
@@ -35,6 +38,17 @@ SAMPLERS = {
     "ddim": sample_ddim,
     "dpm_solver": sample_dpm_solver,
     "heun": sample_heun,
+    "dpm_solver_pp": sample_dpm_solver_pp,
+    "dpm_solver_adaptive": sample_dpm_solver_adaptive,
+    "unipc": sample_unipc,
+    "edm": sample_edm,
+}
+# the rules on the options of the few-step samplers, each beside its sampler: ``check(options completed with defaults)``
+_OPTION_CHECKS = {
+    "dpm_solver_pp": check_dpm_solver_pp_options,
+    "dpm_solver_adaptive": check_dpm_solver_adaptive_options,
+    "unipc": check_unipc_options,
+    "edm": check_edm_options,
 }
 METHODS = tuple(SAMPLERS)
 # methods written for VP-type SDEs only (DDIM, DPM-Solver); VE is rejected
@@ -128,6 +142,8 @@ def check_method_options(method: str, options: dict) -> dict:
         check_choice("order", o["order"], (1, 2, 3))
         _check_bool("multistep", o["multistep"])
         _check_bool("lower_order_final", o["lower_order_final"])
+    if method in _OPTION_CHECKS:
+        _OPTION_CHECKS[method](o)
     return o
 
 
@@ -185,10 +201,12 @@ def sample(score_fn, sde: SDE, shape, method: str = "pc", steps: int | None = No
         score_fn: ``score_fn(x, t)`` with ``x (B, *dims)``, ``t (B,)`` -> shape of ``x``.
         sde: a ``VPSDE``, ``SubVPSDE`` or ``VESDE``.
         shape: ``(B, *dims)`` of the samples.
-        method: a key of ``SAMPLERS``: ``"pc"`` | ``"langevin"`` | ``"ode"`` | ``"ddim"`` | ``"dpm_solver"`` | ``"heun"``.
+        method: a key of ``SAMPLERS``: ``"pc"`` | ``"langevin"`` | ``"ode"`` | ``"ddim"`` | ``"dpm_solver"`` | ``"heun"``
+            | ``"dpm_solver_pp"`` | ``"dpm_solver_adaptive"`` | ``"unipc"`` | ``"edm"``.
         steps: number of solver steps (NFE may differ and is reported); ``None`` for the method's default
             (``DEFAULT_STEPS``: pc ``sde.N``, langevin 100 levels, ode adaptive (fixed grid: ``FIXED_GRID_STEPS``),
-            ddim 50, dpm_solver 20, heun 18); must be ``None`` for adaptive ODE solvers.
+            ddim 50, dpm_solver 20, heun 18, dpm_solver_pp 20, unipc 20, edm 18); must be ``None`` for adaptive ODE
+            solvers and dpm_solver_adaptive.
         generator: ``None``, a ``torch.Generator``, or a list of ``B`` generators (one per sample: every random
             number of sample ``b`` comes from ``generator[b]``, so it does not depend on the batch).
         progress: show a tqdm progress bar.
@@ -203,7 +221,12 @@ def sample(score_fn, sde: SDE, shape, method: str = "pc", steps: int | None = No
             ode: ``ode_method`` (``ODE_METHODS``: dopri5 ... scipy_rk45 adaptive, euler, midpoint, rk4 ... fixed),
             ``rtol``, ``atol`` (1e-5 as in the paper), ``error_norm`` (per_sample | batch), ``trajectory_points``
             (adaptive only); ddim: ``schedule``, ``rho``, ``eta`` in [0, 1]; dpm_solver: ``schedule`` (time_uniform |
-            logSNR | karras), ``rho``, ``order`` (1, 2, 3), ``multistep``, ``lower_order_final``; heun: ``schedule``, ``rho``.
+            logSNR | karras), ``rho``, ``order`` (1, 2, 3), ``multistep``, ``lower_order_final``; heun: ``schedule``, ``rho``;
+            dpm_solver_pp: as dpm_solver plus ``thresholding``, ``threshold_ratio``, ``threshold_max``;
+            dpm_solver_adaptive: ``order`` (2: DPM-Solver-12, 3: -23), ``rtol``, ``atol``, ``h_init``, ``theta``,
+            ``prediction`` (noise | data), ``steps`` None; unipc: ``schedule``, ``rho``, ``order`` (1, 2, 3), ``variant``
+            (bh1 | bh2), ``corrector``, ``lower_order_final``; edm: ``schedule``, ``rho``, ``S_churn``, ``S_tmin``,
+            ``S_tmax``, ``S_noise``.
 
     Returns:
         ``SampleResult`` with ``x`` (``shape``), ``nfe`` (score calls counted), ``trajectory``/``times``
