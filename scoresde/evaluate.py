@@ -15,9 +15,9 @@ from typing import List, Optional
 
 import torch
 
-from .plots import save_sample_figure
+from .plots import save_png_folder, save_sample_figure, save_uint8_npz
 
-__all__ = ["EvalOptions", "SPLITS", "draw_samples", "sample_quality", "image_fd", "nll_on_split", "elbo_on_split",
+__all__ = ["EvalOptions", "SPLITS", "draw_samples", "sample_quality", "image_quality", "image_fd", "nll_on_split", "elbo_on_split",
            "evaluate_run", "print_summary"]
 
 log = logging.getLogger("scoresde")
@@ -35,7 +35,12 @@ class EvalOptions:
     ``elbo_terms=None`` sums all N terms); ``use_ema``: evaluate the EMA weights. ``fd``: for image data, also the
     Fréchet distance of the samples to the test split on the features of a small classifier trained on the same
     data set (``scoresde.features``; cached in ``feature_cache``, default ``features.default_cache_dir()``), with
-    the same distance between a training subset and the test split as its floor.
+    the same distance between as many training images and the test split as its floor, and k-NN precision /
+    recall (Kynkäänniemi et al. 2019, ``pr_k`` neighbours) on the same features, with their floor likewise.
+    ``fid_stats`` + ``inception_weights``: FID against precomputed reference statistics (an ``.npz`` with ``mu``,
+    ``sigma``) on the features of the user's TorchScript Inception-V3 (``features.InceptionFeatures``).
+    ``export_png`` / ``export_npz``: also write the samples as a folder of 8-bit PNGs (``samples_png/``) and as a
+    uint8 ``(N, H, W, C)`` array ``arr_0`` in ``samples.npz``, for external FID tools (image data only).
     """
 
     n_samples: int = 256
@@ -51,8 +56,13 @@ class EvalOptions:
     elbo: bool = False
     elbo_terms: Optional[int] = None
     use_ema: bool = True
-    fd: bool = False
+    fd: bool = True
+    pr_k: int = 3
     feature_cache: Optional[str] = None
+    fid_stats: Optional[str] = None
+    inception_weights: Optional[str] = None
+    export_png: bool = False
+    export_npz: bool = False
 
     def check(self) -> "EvalOptions":
         """Range checks (``ValueError`` naming the field); the solver fields through ``check_likelihood_options``."""
@@ -66,6 +76,15 @@ class EvalOptions:
         check_likelihood_options(divergence=self.divergence, probes=self.probes, rtol=self.rtol, atol=self.atol, eps=self.eps)
         if self.elbo_terms is not None:
             check_int("elbo_terms", self.elbo_terms)
+        check_int("pr_k", self.pr_k)
+        if (self.fid_stats is None) != (self.inception_weights is None):
+            raise ValueError("fid_stats and inception_weights go together: FID against precomputed statistics needs the "
+                             f"Inception weights they were computed with; got fid_stats={self.fid_stats!r}, "
+                             f"inception_weights={self.inception_weights!r}")
+        for name in ("fid_stats", "inception_weights"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: file {path!r} not found")
         return self
 
 
@@ -124,10 +143,17 @@ def sample_quality(samples: torch.Tensor, reference: torch.Tensor, seed: int) ->
     return out
 
 
-def image_fd(samples: torch.Tensor, test, data, eval_opts: EvalOptions, seed: int, device) -> dict:
-    """Fréchet distance (``fd``) of image samples to the test split on a cached classifier's features, and
-    ``fd_floor``: the same distance from as many training images to the test split."""
-    from .features import FeatureExtractor, frechet_distance_images
+def image_quality(samples: torch.Tensor, test, data, eval_opts: EvalOptions, seed: int, device) -> dict:
+    """Sample quality of images on a cached classifier's features (``scoresde.features``), each with its floor.
+
+    ``fd``: Fréchet distance of the finite samples to the test split; ``precision`` / ``recall``: k-NN precision
+    and recall (``metrics.precision_recall``, ``eval_opts.pr_k``) of the samples against the test split. The floors
+    ``fd_floor``, ``precision_floor``, ``recall_floor``: the same statistics of ``n_floor`` training images (as many
+    as samples, or the whole split if smaller) against the test split: what a model that draws the data scores.
+    With ``eval_opts.fid_stats``: ``fid``, the Fréchet distance of Inception features to the precomputed statistics.
+    """
+    from .features import FeatureExtractor, InceptionFeatures, frechet_distance_to_stats, image_features
+    from .metrics import frechet_distance, precision_recall
     from .runs import load_split
 
     ext = FeatureExtractor.load_or_train(data.name, cache_dir=eval_opts.feature_cache, root=data.root, seed=0, device=device)
@@ -135,10 +161,27 @@ def image_fd(samples: torch.Tensor, test, data, eval_opts: EvalOptions, seed: in
     out = {"fd_classifier_test_accuracy": ext.test_accuracy}
     if x.shape[0] < 2:
         return out
-    out["fd"] = frechet_distance_images(x, test.x.to(device), ext)
     train = load_split(data, "train", seed=seed)
-    out["fd_floor"] = frechet_distance_images(train.x[: x.shape[0]].to(device), test.x.to(device), ext)
+    f_x, f_test = image_features(x, ext), image_features(test.x.to(device), ext)
+    f_train = image_features(train.x[: x.shape[0]].to(device), ext)
+    out["fd"] = frechet_distance(f_x, f_test)
+    out["fd_floor"] = frechet_distance(f_train, f_test)
+    out["n_floor"] = int(f_train.shape[0])
+    k = eval_opts.pr_k
+    if min(f_x.shape[0], f_test.shape[0], f_train.shape[0]) > k:
+        pr, pr0 = precision_recall(f_test, f_x, k), precision_recall(f_test, f_train, k)
+        out.update(precision=pr["precision"], recall=pr["recall"], precision_floor=pr0["precision"],
+                   recall_floor=pr0["recall"], pr_k=k)
+    if eval_opts.fid_stats is not None:
+        inception = InceptionFeatures(eval_opts.inception_weights, centered=data.centered, device=device)
+        out["fid"] = frechet_distance_to_stats(x, eval_opts.fid_stats, inception)
     return out
+
+
+def image_fd(samples: torch.Tensor, test, data, eval_opts: EvalOptions, seed: int, device) -> dict:
+    """The Fréchet distance part of ``image_quality`` (``fd``, ``fd_floor``) and the classifier's accuracy."""
+    q = image_quality(samples, test, data, eval_opts, seed, device)
+    return {k: q[k] for k in ("fd_classifier_test_accuracy", "fd", "fd_floor") if k in q}
 
 
 def nll_on_split(run, ds, eval_opts: EvalOptions, seed: int, device, dtype, progress: bool = False) -> dict:
@@ -201,6 +244,9 @@ def evaluate_run(run, sampler: Optional[dict], eval_opts: EvalOptions, outdir: P
 
     out: dict = {}
     data = run.data
+    exporting = eval_opts.export_png or eval_opts.export_npz
+    if do_samples and exporting and len(run.shape) != 3:
+        raise ValueError(f"eval.export_png / eval.export_npz write images; this run's data have shape {tuple(run.shape)}")
     test = load_split(data, "test", seed=run.seed)
     if do_samples and eval_opts.n_samples > 0:
         x, nfes, secs = draw_samples(run.score_fn, run.sde, run.shape, sampler, eval_opts.n_samples, eval_opts.batch_size,
@@ -211,12 +257,16 @@ def evaluate_run(run, sampler: Optional[dict], eval_opts: EvalOptions, outdir: P
         if eval_opts.quality:
             s.update(sample_quality(x, ref, seed=stream_seed(seed, 5)))
         if eval_opts.fd and x.dim() == 4:
-            s.update(image_fd(x, test, data, eval_opts, seed=run.seed, device=device))
+            s.update(image_quality(x, test, data, eval_opts, seed=run.seed, device=device))
         fig = outdir / (f"samples_{label}.png" if label else SAMPLES_NAME)
         save_sample_figure(x, fig, data.centered, reference=ref if x.dim() == 2 else None,
                            title=f"{label or sampler['method']}: NFE {s['nfe_mean']:.0f}")
         s["figure"] = fig.name
         torch.save(x.cpu(), outdir / (f"samples_{label}.pt" if label else "samples.pt"))
+        if eval_opts.export_png:
+            s["png_dir"] = save_png_folder(x, outdir / (f"samples_{label}_png" if label else "samples_png"), data.centered).name
+        if eval_opts.export_npz:
+            s["npz"] = save_uint8_npz(x, outdir / (f"samples_{label}.npz" if label else "samples.npz"), data.centered).name
         out["samples"] = s
     if do_nll if do_nll is not None else eval_opts.nll:
         out["nll"] = {}
@@ -239,6 +289,13 @@ def print_summary(metrics: dict, prefix: str = "") -> None:
     s = metrics.get("samples")
     if s:
         q = f", MMD^2 {s['mmd2']:.4g} (floor {s['mmd2_floor']:.2g})" if "mmd2" in s else ""
+        if "fd" in s:
+            q += f", FD {s['fd']:.2f} (floor {s['fd_floor']:.2f} at N={s['n_floor']})"
+        if "precision" in s:
+            q += (f", precision {s['precision']:.3f} / recall {s['recall']:.3f}"
+                  f" (floor {s['precision_floor']:.3f} / {s['recall_floor']:.3f})")
+        if "fid" in s:
+            q += f", FID {s['fid']:.2f}"
         log.info(f"{prefix}samples: {s['method']} NFE {s['nfe_mean']:.0f}{q}")
     for split, r in (metrics.get("nll") or {}).items():
         log.info(f"{prefix}{split} bits/dim (PF-ODE): {r['bpd']:.4f} +- {r['bpd_stderr']:.4f} (n={r['n']})")

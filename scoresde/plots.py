@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["save_sample_figure", "plot_compare", "plot_report"]
+__all__ = ["save_sample_figure", "plot_compare", "plot_report", "to_uint8", "save_png_folder", "save_uint8_npz"]
 
 
 def save_sample_figure(samples: torch.Tensor, path, centered: bool = True, reference: Optional[torch.Tensor] = None, title: str = "") -> None:
@@ -54,6 +54,44 @@ def save_sample_figure(samples: torch.Tensor, path, centered: bool = True, refer
     plt.close(fig)
 
 
+
+
+def to_uint8(samples: torch.Tensor, centered: bool = True) -> torch.Tensor:
+    """8-bit pixels ``(N, H, W, C)`` of model-scale images ``(N, C, H, W)``: ``clamp(floor(256 u), 0, 255)`` with
+    ``u = (y - b) / a`` (the mapping ``features.InceptionFeatures`` applies). Non-finite pixels become 0."""
+    if not torch.is_tensor(samples) or samples.dim() != 4:
+        raise ValueError(f"samples must be images (N, C, H, W); got {getattr(samples, 'shape', type(samples).__name__)}")
+    from .data.transforms import from_model_scale
+
+    u = from_model_scale(samples.detach().double().cpu(), centered=centered)
+    u = torch.nan_to_num(u, nan=0.0, posinf=1.0, neginf=0.0)
+    return torch.clamp(torch.floor(256 * u), 0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def save_png_folder(samples: torch.Tensor, folder, centered: bool = True) -> Path:
+    """One 8-bit PNG per image (``000000.png``, ...) in ``folder`` (created): grey ``L`` for 1 channel, ``RGB`` for
+    3 (the layout folder-based FID tools such as pytorch-fid read). Returns the folder."""
+    from PIL import Image
+
+    pix = to_uint8(samples, centered).numpy()
+    if pix.shape[-1] not in (1, 3):
+        raise ValueError(f"PNG export needs 1 or 3 channels; got {pix.shape[-1]}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(6, len(str(len(pix) - 1)))
+    for i, img in enumerate(pix):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:0{width}d}.png")
+    return folder
+
+
+def save_uint8_npz(samples: torch.Tensor, path, centered: bool = True) -> Path:
+    """``arr_0``: the samples as uint8 ``(N, H, W, C)`` in an ``.npz`` (the batch layout of the ADM / guided-diffusion
+    FID evaluator). Returns the path."""
+    import numpy as np
+
+    path = Path(path)
+    np.savez(path, arr_0=to_uint8(samples, centered).numpy())
+    return path
 
 
 def plot_compare(all_metrics: dict, labels: list, path: Path) -> None:
