@@ -28,6 +28,7 @@ from .sde import SDE, VESDE, VPSDE, batch_broadcast
 from ._validate import check_choice
 
 __all__ = [
+    "conditioned_noise_mixture",
     "WEIGHTINGS",
     "REDUCES",
     "dsm_loss",
@@ -352,3 +353,44 @@ def get_loss_fn(
             return _discrete_loss(per_sample, model, x0, generator, reduce)
 
     return loss_fn
+
+
+def _takes_aug_level(net) -> bool:
+    net = getattr(net, "module", net)  # a DistributedDataParallel wrapper
+    return bool(getattr(net, "aug_cond", False))
+
+
+def conditioned_noise_mixture(loss_fn: LossFn, prob: float, std_min: float, std_max: float) -> LossFn:
+    """The noise-mixture augmentation made non-leaking by conditioning the network on it (EDM's augmentation
+    conditioning, Karras et al. 2022).
+
+    Each call draws ``(y, a) = noise_mixture(x0, prob, std_min, std_max, generator, return_level=True)``: with
+    probability ``prob`` a sample gets ``y = x0 + a z`` (``a`` log-uniform in ``[std_min, std_max]``), else ``y = x0``
+    and ``a = 0``; then it returns ``loss_fn(model, y, generator)`` with the network told each sample's ``a``
+    (``model.conditioned(aug_level=a)``). The model thus learns the family of scores of ``p_a = p_data * N(0, a^2 I)``
+    indexed by ``a``; sampling and likelihoods call the network without ``aug_level``, i.e. at ``a = 0``: the
+    data distribution itself, with no noisy component in the samples (plain ``noise_mixture`` in ``prepare``
+    instead teaches ``q = (1 - prob) p_data + prob E_a[p_a]``, whose samples are noisy one time in ``1 / prob``).
+
+    The network must accept ``aug_level (B,)`` (built with ``aug_cond=True``, e.g. ``ConvScoreNet``); this is
+    checked on the first call (``ValueError``). The augmentation draws come from ``generator`` before the loss's own.
+    """
+    from .data.transforms import noise_mixture
+
+    noise_mixture(torch.zeros(1, 1), prob, std_min, std_max)  # the option checks, before any training
+    if prob == 0:
+        raise ValueError("conditioned_noise_mixture needs prob > 0 (an augmentation to condition on); got prob=0")
+    checked = weakref.WeakSet()
+
+    def aug_loss_fn(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if model not in checked:
+            _check_model(model)
+            if not _takes_aug_level(model.net):
+                raise ValueError(f"the conditioned noise mixture needs a network that takes aug_level (built with "
+                                 f"aug_cond=True, e.g. ConvScoreNet); got {type(model.net).__name__}")
+            checked.add(model)
+        y, level = noise_mixture(x0, prob, std_min, std_max, generator, return_level=True)
+        with model.conditioned(aug_level=level):
+            return loss_fn(model, y, generator)
+
+    return aug_loss_fn

@@ -14,6 +14,10 @@ parameterization    network predicts            score ``grad_x log p_t(x)``
 
 and in every case ``eps = -s score`` and Tweedie's ``x0 = E[x_0 | x_t] = (x + s^2 score) / m``.
 
+Extra network inputs (a condition such as ``ConvScoreNet``'s ``aug_level``) are given for a block of calls with
+``with model.conditioned(aug_level=a): ...``; outside such a block the network sees its defaults, so samplers and
+likelihoods (which call ``score_fn(x, t)``) use the default (clean) condition.
+
 Network time (``net_time``), as in score_sde:
 
 * continuous VP / sub-VP: ``999 t``;
@@ -27,7 +31,8 @@ Network time (``net_time``), as in score_sde:
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -77,6 +82,7 @@ class ScoreModel(nn.Module):
         self.sde = sde
         self.parameterization = parameterization
         self.continuous = continuous
+        self._net_kwargs: dict = {}  # extra network inputs inside a `conditioned` block (not saved)
 
     def extra_repr(self) -> str:
         return f"sde={self.sde!r}, parameterization={self.parameterization!r}, continuous={self.continuous}"
@@ -148,17 +154,32 @@ class ScoreModel(nn.Module):
             return out
         return (x - s * self._eps_from_output(out, x, m, s)) / m
 
+    def _call_net(self, x: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t_in, **self._net_kwargs) if self._net_kwargs else self.net(x, t_in)
+
+    @contextmanager
+    def conditioned(self, **net_kwargs) -> Iterator["ScoreModel"]:
+        """Within the block every network call gets ``net_kwargs`` as extra keyword inputs, e.g.
+        ``with model.conditioned(aug_level=level): loss = loss_fn(model, y, g)`` (``level (B,)``, one per sample).
+        Blocks nest (inner keys win); the previous inputs are restored on exit, also after an exception."""
+        prev = self._net_kwargs
+        self._net_kwargs = {**prev, **net_kwargs}
+        try:
+            yield self
+        finally:
+            self._net_kwargs = prev
+
     def _evaluate(self, x, t, convert):
         t = self._time(x, t)
         m, s = self.coefs(t)
-        out = self.net(x, self.net_time(t))
+        out = self._call_net(x, self.net_time(t))
         return convert(out, x, batch_broadcast(m, x), batch_broadcast(s, x))
 
     # --- public API -------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         """Raw network output ``net(x, net_time(t))``; shape of ``x``."""
         t = self._time(x, t)
-        return self.net(x, self.net_time(t))
+        return self._call_net(x, self.net_time(t))
 
     def score_fn(self, x: torch.Tensor, t) -> torch.Tensor:
         """``grad_x log p_t(x)`` from the network output (table in the module docstring); shape of ``x``."""
@@ -208,7 +229,7 @@ class ScoreModel(nn.Module):
             if self.continuous:
                 return self.eps_fn(x, self.ddpm_time(i, dtype=x.dtype))
             m, s = self._ddpm_coefs(i, x.dtype)
-            out = self.net(x, i.to(x.dtype))
+            out = self._call_net(x, i.to(x.dtype))
             return self._eps_from_output(out, x, batch_broadcast(m, x), batch_broadcast(s, x))
 
         return eps

@@ -73,8 +73,9 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: f
 
 
 def noise_mixture(
-    y: torch.Tensor, prob: float, std_min: float, std_max: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
+    y: torch.Tensor, prob: float, std_min: float, std_max: float, generator: torch.Generator | None = None,
+    return_level: bool = False,
+):
     """Noise-mixture augmentation: with probability ``prob`` per sample, ``y + sigma z`` with ``z ~ N(0, I)``
     and ``sigma`` log-uniform in ``[std_min, std_max]`` (one draw per sample); other samples unchanged.
 
@@ -87,7 +88,9 @@ def noise_mixture(
     ``prob = 0`` returns ``y`` itself and draws nothing from ``generator`` (a run without the augmentation
     keeps the random stream it had before the augmentation existed).
 
-    Shapes: ``y (B, ...)`` in the model's scale; returns the same shape and dtype.
+    Shapes: ``y (B, ...)`` in the model's scale; returns the same shape and dtype. With ``return_level``, returns
+    ``(y_aug, level)`` with ``level (B,)`` each sample's noise std (0 for the samples left clean): the condition of
+    a non-leaking, augmentation-conditioned model (``losses.conditioned_noise_mixture``).
     """
     prob = check_positive("prob", prob, allow_zero=True)
     if prob > 1:
@@ -96,11 +99,12 @@ def noise_mixture(
     if std_min > std_max:
         raise ValueError(f"std_min must be <= std_max; got std_min={std_min!r}, std_max={std_max!r}")
     if prob == 0:
-        return y
+        return (y, y.new_zeros(y.shape[0])) if return_level else y
     b = y.shape[0]
     pick = torch.rand(b, generator=generator, device=y.device) < prob
     u = torch.rand(b, generator=generator, device=y.device, dtype=y.dtype)
     sigma = std_min * (std_max / std_min) ** u
     z = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-    scale = torch.where(pick, sigma, torch.zeros_like(sigma)).reshape(b, *([1] * (y.dim() - 1)))
-    return y + scale * z
+    level = torch.where(pick, sigma, torch.zeros_like(sigma))
+    out = y + level.reshape(b, *([1] * (y.dim() - 1))) * z
+    return (out, level) if return_level else out

@@ -1,0 +1,110 @@
+"""Non-leaking noise-mixture augmentation: levels from noise_mixture, ScoreModel.conditioned, and the
+conditioned loss (the network learns p_a = p * N(0, a^2) indexed by a; samplers use a = 0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scoresde.data.transforms import noise_mixture
+from scoresde.losses import conditioned_noise_mixture, get_loss_fn
+from scoresde.model import ScoreModel
+from scoresde.nets import MLPScoreNet
+from scoresde.nets.convnet import ConvScoreNet
+from scoresde.samplers import sample
+from scoresde.sde import VPSDE
+
+
+def test_noise_mixture_levels_are_the_same_draws():
+    y = torch.randn(500, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    plain = noise_mixture(y, 0.3, 0.05, 0.5, torch.Generator().manual_seed(1))
+    aug, level = noise_mixture(y, 0.3, 0.05, 0.5, torch.Generator().manual_seed(1), return_level=True)
+    assert torch.equal(plain, aug) and level.shape == (500,)
+    clean = level == 0
+    assert torch.equal(aug[clean], y[clean]) and not torch.equal(aug[~clean], y[~clean])
+    assert float(level[~clean].min()) >= 0.05 and float(level.max()) <= 0.5
+    # the fraction augmented is Binomial(500, 0.3): within 4 standard deviations
+    assert abs(float((~clean).double().mean()) - 0.3) < 4 * (0.3 * 0.7 / 500) ** 0.5
+    g = torch.Generator().manual_seed(2)
+    state = g.get_state()
+    out, lv = noise_mixture(y, 0.0, 0.05, 0.5, g, return_level=True)
+    assert out is y and torch.equal(lv, torch.zeros(500)) and torch.equal(g.get_state(), state)
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t_in, **kw):
+        self.seen.append(dict(kw))
+        return torch.zeros_like(x)
+
+
+def test_score_model_conditioned_block():
+    net = _Recorder()
+    model = ScoreModel(net, VPSDE())
+    x, t = torch.zeros(2, 3), torch.full((2,), 0.5)
+    model.score_fn(x, t)
+    lv = torch.tensor([0.0, 0.2])
+    with model.conditioned(aug_level=lv):
+        model.eps_fn(x, t)
+        with model.conditioned(extra=1):
+            model(x, t)
+    with pytest.raises(RuntimeError):
+        with model.conditioned(aug_level=lv):
+            raise RuntimeError("inside")
+    model.denoise_fn(x, t)
+    assert [sorted(k) for k in net.seen] == [[], ["aug_level"], ["aug_level", "extra"], []]
+    assert net.seen[1]["aug_level"] is lv
+
+
+def _with_live_aug_branch(net):
+    """A fresh net's output layer (and so the augmentation branch's effect) starts at zero: randomise all weights."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def test_conditioned_loss_is_the_base_loss_on_the_augmented_batch_with_levels():
+    sde = VPSDE()
+    net = _with_live_aug_branch(ConvScoreNet(aug_cond=True, ch=8, ch_mult=(1, 2), num_groups=4).eval())  # eval: no dropout
+    model = ScoreModel(net, sde)
+    base = get_loss_fn(sde)
+    aug = conditioned_noise_mixture(base, 0.5, 0.03, 0.5)
+    x0 = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    got = aug(model, x0, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    y, level = noise_mixture(x0, 0.5, 0.03, 0.5, g, return_level=True)
+    with model.conditioned(aug_level=level):
+        want = base(model, y, g)
+    assert torch.equal(got, want)
+    # the condition matters: the same batch without it gives another loss
+    g = torch.Generator().manual_seed(3)
+    y, level = noise_mixture(x0, 0.5, 0.03, 0.5, g, return_level=True)
+    assert not torch.equal(base(model, y, g), want)
+    assert model._net_kwargs == {}  # restored after the call
+
+
+def test_clean_condition_equals_the_unconditioned_call_so_samplers_see_a_zero():
+    net = _with_live_aug_branch(ConvScoreNet(aug_cond=True, ch=8, ch_mult=(1, 2), num_groups=4).eval())
+    x, t = torch.randn(4, 1, 8, 8), torch.rand(4) * 999
+    assert torch.equal(net(x, t), net(x, t, aug_level=torch.zeros(4)))
+    assert not torch.equal(net(x, t), net(x, t, aug_level=torch.full((4,), 0.2)))
+    model = ScoreModel(net, VPSDE())
+    res = sample(model.score_fn, model.sde, (3, 1, 8, 8), method="ddim", steps=3, generator=torch.Generator().manual_seed(0))
+    assert res.x.isfinite().all()
+
+
+def test_conditioned_loss_refuses_bad_input():
+    sde = VPSDE()
+    with pytest.raises(ValueError, match="prob > 0"):
+        conditioned_noise_mixture(get_loss_fn(sde), 0.0, 0.03, 0.5)
+    with pytest.raises(ValueError, match="std_min must be <= std_max"):
+        conditioned_noise_mixture(get_loss_fn(sde), 0.2, 0.5, 0.03)
+    aug = conditioned_noise_mixture(get_loss_fn(sde), 0.2, 0.03, 0.5)
+    mlp = ScoreModel(MLPScoreNet(4, hidden=8, depth=1), sde)
+    with pytest.raises(ValueError, match="aug_cond=True"):
+        aug(mlp, torch.zeros(2, 4), torch.Generator().manual_seed(0))
