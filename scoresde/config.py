@@ -286,6 +286,9 @@ def _check_model(c, sde, data: DataOptions, loss: dict):
         net = _library_check("model", lambda: build.build_net(c.model.name, shape, sde=sde, centered=data.centered, **kwargs), keys)
         model = _library_check("model", lambda: ScoreModel(net, sde, param or build.default_parameterization(sde, kwargs),
                                                            loss.get("continuous", True)), keys)
+    if getattr(net, "aug_cond", False) and data.noise_mixture_prob == 0:
+        raise ConfigError("model.aug_cond=true conditions the network on the noise-mixture augmentation, which is off: "
+                          "set data.noise_mixture_prob > 0 (e.g. 0.2) or model.aug_cond=false")
     _library_check("train", lambda: get_loss_fn(sde, **loss), list(loss))
     del model
     return {"name": c.model.name, "kwargs": kwargs}, param

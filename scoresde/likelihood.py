@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -280,8 +281,13 @@ def log_likelihood(
     x = _check_float_batch("x", x)
     check_likelihood_options(divergence, probes, noise, method, rtol, atol, eps, error_norm, chunk_size, T=sde.T)
     rtol, atol, eps = float(rtol), float(atol), float(eps)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     if generator is not None and torch.device(generator.device).type != x.device.type:
         raise ValueError(f"generator must be on x's device {x.device}; got {generator.device}")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(f"x has dtype {x.dtype}: the PF-ODE solve needs float32 or float64 (the adaptive step size "
+                        "underflows in half precision); pass x.float() and a score_fn that accepts it")
 
     B, shape, D = x.shape[0], tuple(x.shape), x[0].numel()
     P = probes if divergence == "hutchinson" else 1
@@ -293,7 +299,12 @@ def log_likelihood(
     drift = probability_flow_drift(counted, sde, eps)
     bar = tqdm(total=float(sde.T - eps), disable=not progress, desc="PF-ODE", unit="t")
 
+    # rows that are or become non-finite are frozen (zero derivative) so they cannot stop the solve of the others
+    # ("underflow in dt"); their logp is NaN, with a warning
+    bad = ~torch.isfinite(x.detach().reshape(B, D)).all(dim=1)
+
     def rhs(t, state):
+        nonlocal bad
         y = state[:, :D].reshape(shape)
         if progress and bar.n < float(t) - eps:
             bar.update(float(t) - eps - bar.n)
@@ -303,12 +314,15 @@ def log_likelihood(
             chunks = [lambda: V]
         dy, quad = _drift_and_vjps(lambda u: drift(t, u), y, chunks, vectorize)
         ddelta = quad.sum(0, keepdim=True) if V is None else quad  # (P, B)
-        return torch.cat([dy.reshape(B, D), ddelta.T], dim=1)
+        out = torch.cat([dy.reshape(B, D), ddelta.T], dim=1)
+        bad = bad | ~torch.isfinite(out).all(dim=1)
+        return torch.where(bad[:, None], torch.zeros_like(out), out)
 
     ts = torch.tensor([eps, sde.T], device=x.device, dtype=x.dtype)
     # adaptive: land on T exactly (never evaluate the score beyond T), per-sample error control as the sampler's
     opts = odeint_options(B, ts[1:], error_norm, options) if method in TORCHDIFFEQ_ADAPTIVE else dict(options or {})
-    state0 = torch.cat([x.detach().reshape(B, D), torch.zeros(B, P, device=x.device, dtype=x.dtype)], dim=1)
+    x0 = torch.where(bad[:, None], torch.zeros_like(x.detach().reshape(B, D)), x.detach().reshape(B, D))
+    state0 = torch.cat([x0, torch.zeros(B, P, device=x.device, dtype=x.dtype)], dim=1)
     try:
         with torch.no_grad():
             sol = odeint(rhs, state0, ts, rtol=rtol, atol=atol, method=method, options=opts)[-1]
@@ -316,6 +330,11 @@ def log_likelihood(
     finally:
         bar.close()
 
+    n_bad = int(bad.sum())
+    if n_bad:
+        warnings.warn(f"log_likelihood: {n_bad} of {B} samples are non-finite or met a non-finite drift/divergence "
+                      "(score); their logp is NaN, the other samples are computed", RuntimeWarning, stacklevel=2)
+        sol = torch.where(bad[:, None], torch.full_like(sol, float("nan")), sol)
     z = sol[:, :D].reshape(shape)
     deltas = sol[:, D:]  # (B, P)
     prior = sde.prior_logp(z)

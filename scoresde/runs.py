@@ -223,9 +223,11 @@ def load_split(data: DataOptions, split: str, seed: int = 0):
         raise FileNotFoundError(str(e).replace("pass download=True", "pass download=True (config key data.download=true)")) from None
 
 
-def make_prepare(data: DataOptions, levels: Optional[int], dtype: torch.dtype) -> Callable:
+def make_prepare(data: DataOptions, levels: Optional[int], dtype: torch.dtype, conditioned: bool = False) -> Callable:
     """``prepare(batch, generator) -> x0`` on the model's scale: dequantise (discrete data), flip (images) and the
-    noise-mixture augmentation (off at ``noise_mixture_prob = 0``, which draws nothing)."""
+    noise-mixture augmentation (off at ``noise_mixture_prob = 0``, which draws nothing). ``conditioned``: the
+    network is conditioned on the augmentation (``aug_cond``), which the loss then applies
+    (``losses.conditioned_noise_mixture``), so ``prepare`` leaves it out."""
     from .data.transforms import noise_mixture, random_hflip, uniform_dequantize
 
     def prepare(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -235,6 +237,8 @@ def make_prepare(data: DataOptions, levels: Optional[int], dtype: torch.dtype) -
             x = batch.to(dtype)
         if data.random_flip and x.dim() == 4:
             x = random_hflip(x, generator=generator)
+        if conditioned:
+            return x
         return noise_mixture(x, data.noise_mixture_prob, data.noise_mixture_std_min, data.noise_mixture_std_max, generator=generator)
 
     return prepare
@@ -694,7 +698,7 @@ def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True
 
     Returns ``(TrainResult or None, seconds)``; ``None`` for the oracle (nothing to train).
     """
-    from .losses import get_loss_fn
+    from .losses import conditioned_noise_mixture, get_loss_fn
     from .train import train
 
     train_ds = load_split(c.data, "train", seed=c.seed)
@@ -706,7 +710,11 @@ def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True
         return None, 0.0
     model = build.build_model(spec, device=device, dtype=dtype)
     loss_fn = get_loss_fn(model.sde, **c.loss)
-    prepare = make_prepare(c.data, train_ds.levels, dtype)
+    aug_cond = bool(getattr(model.net, "aug_cond", False))  # non-leaking noise mixture: the loss applies it
+    if aug_cond:
+        loss_fn = conditioned_noise_mixture(loss_fn, c.data.noise_mixture_prob, c.data.noise_mixture_std_min,
+                                            c.data.noise_mixture_std_max)
+    prepare = make_prepare(c.data, train_ds.levels, dtype, conditioned=aug_cond)
     eval_fn = None
     if c.train.eval_every > 0:
         val_ds = load_split(c.data, "val", seed=c.seed)

@@ -28,7 +28,7 @@ from ._validate import check_int, check_positive
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "batch_broadcast", "as_time"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseSDE", "batch_broadcast", "as_time", "check_time"]
 
 
 def batch_broadcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -49,8 +49,23 @@ def as_time(t, x: torch.Tensor, T: float = 1.0, check: bool = True) -> torch.Ten
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
         raise ValueError(f"t must have shape (batch,) = ({x.shape[0]},) or be a scalar; got {tuple(t.shape)}")
-    if check and bool(((t < 0) | (t > T)).any()):
-        raise ValueError(f"t must lie in [0, T] = [0, {T}]; got values in [{t.min().item()}, {t.max().item()}]")
+    if check:
+        check_time(t, T)
+    return t
+
+
+def check_time(t, T: float = 1.0) -> torch.Tensor:
+    """``t`` must be a floating tensor (or a real number, returned as a float64 0-d tensor) with every value in
+    ``[0, T]``; NaN is rejected. Returns it. ``TypeError`` / ``ValueError`` naming ``t``."""
+    if not torch.is_tensor(t):
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"t must be a tensor of times in [0, T]; got {type(t).__name__}")
+        t = torch.tensor(float(t), dtype=torch.float64)
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"t must be a floating-point tensor; got {t.dtype}")
+    if t.numel() and not bool(((t >= 0) & (t <= T)).all()):
+        bad = t[~((t >= 0) & (t <= T))]
+        raise ValueError(f"t must lie in [0, T] = [0, {T}] (not NaN); got {bad.flatten()[:4].tolist()}")
     return t
 
 
@@ -91,7 +106,8 @@ class SDE(abc.ABC):
 
     @abc.abstractmethod
     def marginal_coef(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(m(t), s(t))`` with ``x_t = m(t) x_0 + s(t) z``; both have the shape of ``t``."""
+        """``(m(t), s(t))`` with ``x_t = m(t) x_0 + s(t) z``; both have the shape of ``t``. Implementations check
+        ``t`` first (``check_time``: values in ``[0, T]``, no NaN)."""
 
     @property
     @abc.abstractmethod
@@ -105,7 +121,8 @@ class SDE(abc.ABC):
         return batch_broadcast(m, x0) * x0, s
 
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Half log signal-to-noise ratio ``lambda(t) = log m(t) - log s(t)`` (DPM-Solver's lambda), decreasing in t."""
+        """Half log signal-to-noise ratio ``lambda(t) = log m(t) - log s(t)`` (DPM-Solver's lambda), decreasing in t;
+        ``t`` in ``[0, T]`` (``check_time``), shape of ``t``."""
         m, s = self.marginal_coef(t)
         return torch.log(m) - torch.log(s)
 
@@ -279,7 +296,7 @@ class VPSDE(SDE):
         return drift, torch.sqrt(beta_t)
 
     def marginal_coef(self, t):
-        lm = self.log_mean_coeff(t)
+        lm = self.log_mean_coeff(check_time(t, self.T))
         return torch.exp(lm), torch.sqrt(-torch.expm1(2.0 * lm))
 
     @property
@@ -333,7 +350,7 @@ class SubVPSDE(SDE):
         return drift, torch.sqrt(beta_t * discount)
 
     def marginal_coef(self, t):
-        lm = self.log_mean_coeff(t)
+        lm = self.log_mean_coeff(check_time(t, self.T))
         return torch.exp(lm), -torch.expm1(2.0 * lm)
 
     @property
@@ -373,6 +390,7 @@ class VESDE(SDE):
         return drift, diffusion
 
     def marginal_coef(self, t):
+        t = check_time(t, self.T)
         return torch.ones_like(t), self.sigma(t)
 
     @property

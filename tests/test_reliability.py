@@ -269,3 +269,118 @@ def test_debug_flag_gives_the_traceback(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="no such file"):
         sample_main(SAMPLE + ["--debug", "ckpt=nowhere", f"hydra.run.dir={tmp_path / 'b'}"])
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+
+# ------------------------------------------------------------------------------------------------- 5. no silent NaN / broadcast
+def _gm_setup(dtype=torch.float64):
+    from scoresde.data import default_gmm
+    from scoresde.sde import VPSDE
+
+    sde = VPSDE()
+    gm = default_gmm(2)
+    return sde, gm, gm.score_fn(sde)
+
+
+@pytest.mark.parametrize("bad", ["column", "scalar", "dtype"])
+def test_a_score_of_the_wrong_shape_or_dtype_is_refused_on_the_first_call(bad):
+    """Before: a (B, 1) or scalar score broadcast silently (finite, wrong: logp 6 nats off)."""
+    from scoresde import sample
+    from scoresde.likelihood import log_likelihood
+
+    sde, gm, score = _gm_setup()
+    wrong = {"column": lambda x, t: score(x, t)[:, :1], "scalar": lambda x, t: score(x, t).sum(),
+             "dtype": lambda x, t: score(x, t).float()}[bad]
+    err = TypeError if bad == "dtype" else ValueError
+    x = gm.sample(16, generator=torch.Generator().manual_seed(0)).double()
+    with pytest.raises(err, match="score_fn"):
+        sample(wrong, sde, (16, 2), method="ddim", steps=5, dtype=torch.float64)
+    with pytest.raises(err, match="score_fn"):
+        log_likelihood(wrong, sde, x, divergence="exact")
+
+
+def test_one_nan_sample_does_not_poison_the_pc_batch():
+    """Before: the batch-averaged Langevin step size turned one NaN row into 8 NaN rows."""
+    from scoresde import sample
+
+    sde, gm, score = _gm_setup()
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn(8, 2, generator=g, dtype=torch.float64)
+    x_T[3] = float("nan")
+    r = sample(score, sde, (8, 2), method="pc", steps=20, generator=torch.Generator().manual_seed(2), x_T=x_T)
+    finite = torch.isfinite(r.x).all(dim=1)
+    assert finite.tolist() == [True, True, True, False, True, True, True, True]
+
+
+def test_log_likelihood_isolates_non_finite_rows():
+    """Before: torchdiffeq stopped with "underflow in dt 0.0" for the whole batch."""
+    from scoresde.likelihood import log_likelihood
+
+    sde, gm, score = _gm_setup()
+    x = gm.sample(6, generator=torch.Generator().manual_seed(3)).double()
+    keep = [0, 1, 3, 4, 5]
+    good = log_likelihood(score, sde, x[keep], divergence="exact", rtol=1e-6, atol=1e-6).logp
+    xb = x.clone()
+    xb[2, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="1 of 6 samples are non-finite"):
+        res = log_likelihood(score, sde, xb, divergence="exact", rtol=1e-6, atol=1e-6)
+    assert math.isnan(res.logp[2])
+    # the frozen row adds no error to the per-sample norm: the same steps as the five rows solved alone
+    torch.testing.assert_close(res.logp[keep], good, rtol=0, atol=1e-9)
+
+
+def test_log_likelihood_refuses_half_precision_and_a_wrong_generator():
+    from scoresde.likelihood import log_likelihood
+
+    sde, gm, score = _gm_setup()
+    x = gm.sample(4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="float16"):
+        log_likelihood(score, sde, x.half())
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        log_likelihood(score, sde, x.double(), generator=3)
+
+
+def _poisoned_copy(finished: Path, tmp_path: Path) -> Path:
+    """A copy of a run whose EMA weights make every sample NaN (an output bias set to NaN)."""
+    import shutil
+
+    d = tmp_path / "nan_run"
+    shutil.copytree(finished, d)
+    state = torch.load(d / "checkpoint.pt", weights_only=True)
+    last_bias = [k for k in state["ema"]["module"] if k.endswith("bias")][-1]
+    state["ema"]["module"][last_bias].fill_(float("nan"))
+    torch.save(state, d / "checkpoint.pt")
+    return d
+
+
+def test_non_finite_samples_fail_the_app_unless_allowed(finished, tmp_path, capsys):
+    d = _poisoned_copy(finished, tmp_path)
+    line = fails_with_one_line(sample_main, SAMPLE + [f"ckpt={d}", f"hydra.run.dir={tmp_path / 's'}"], capsys)
+    assert "4 of 4 samples have NaN/inf" in line and "allow_nonfinite=true" in line
+    sample_main(SAMPLE + [f"ckpt={d}", "allow_nonfinite=true", f"hydra.run.dir={tmp_path / 't'}"])
+    assert metrics(tmp_path / "t")["samples"]["n_nonfinite"] == 4
+
+
+# ------------------------------------------------------------------------------------------------- 9. small API checks
+def test_time_is_checked_by_marginal_prob_marginal_coef_and_log_snr():
+    from scoresde.sde import VESDE, SubVPSDE, VPSDE
+
+    for sde in (VPSDE(), SubVPSDE(), VESDE()):
+        with pytest.raises(ValueError, match="t must lie in"):
+            sde.marginal_prob(torch.zeros(2, 2), torch.tensor([float("nan"), 0.5]))
+        for t in (torch.tensor([float("nan")]), torch.tensor([1.5]), torch.tensor([-0.1])):
+            with pytest.raises(ValueError, match="t must lie in"):
+                sde.marginal_coef(t)
+            with pytest.raises(ValueError, match="t must lie in"):
+                sde.log_snr(t)
+        m, s = sde.marginal_coef(torch.tensor([0.0, 0.5, 1.0]))
+        assert torch.isfinite(m).all() and torch.isfinite(s).all()
+
+
+def test_numpy_integer_steps_are_accepted():
+    from scoresde import sample
+
+    sde, gm, score = _gm_setup()
+    for method in ("ddim", "dpm_solver", "heun", "pc"):
+        r = sample(score, sde, (4, 2), method=method, steps=np.int64(4), generator=torch.Generator().manual_seed(0),
+                   dtype=torch.float64)
+        assert r.info["steps"] == 4

@@ -53,7 +53,8 @@ class SampleResult:
 class CountingScore:
     """Wraps ``score_fn(x, t)`` and counts its calls in ``.calls`` (one call = one network evaluation of a batch).
 
-    The one NFE counter of the library: ``sample`` and ``likelihood.log_likelihood`` report ``.calls`` as ``nfe``."""
+    The one NFE counter of the library: ``sample`` and ``likelihood.log_likelihood`` report ``.calls`` as ``nfe``.
+    The first call's output is checked (``check_score_output``: shape and dtype of ``x``)."""
 
     def __init__(self, score_fn: ScoreFn):
         self.score_fn = score_fn
@@ -61,7 +62,23 @@ class CountingScore:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return self.score_fn(x, t)
+        out = self.score_fn(x, t)
+        if self.calls == 1:
+            check_score_output(out, x)
+        return out
+
+
+def check_score_output(out, x: torch.Tensor) -> None:
+    """A score's output must be a tensor of ``x``'s shape ``(B, *dims)`` and dtype: a ``(B, 1)`` or scalar output would
+    broadcast silently into finite wrong answers. Raises ``TypeError`` / ``ValueError`` naming what came back."""
+    if not torch.is_tensor(out):
+        raise TypeError(f"score_fn(x, t) must return a tensor like x; got {type(out).__name__}")
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"score_fn(x, t) must return a tensor of x's shape {tuple(x.shape)}; got {tuple(out.shape)} "
+                         "(it would be broadcast silently)")
+    if out.dtype != x.dtype:
+        raise TypeError(f"score_fn(x, t) must return x's dtype {x.dtype}; got {out.dtype} (cast the model, or sample "
+                        f"with dtype={out.dtype})")
 
 
 class Noise:

@@ -90,6 +90,15 @@ def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], -1).norm(dim=1)
 
 
+def _finite_mean(v: torch.Tensor) -> torch.Tensor:
+    """Mean of the finite entries of ``v`` (``(B,)`` -> 0-d): one non-finite sample must not set the step size of
+    the whole batch (it made every row NaN). With every entry finite it is ``v.mean()`` exactly."""
+    ok = torch.isfinite(v)
+    if bool(ok.all()):
+        return v.mean()
+    return torch.where(ok, v, torch.zeros_like(v)).sum() / ok.sum().clamp_min(1)
+
+
 def langevin_corrector(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, noise: Noise, snr: float, n_steps: int,
                        norm: str = "batch") -> torch.Tensor:
     """``n_steps`` Langevin steps targeting ``p_t`` (Song et al. 2021, Alg. 4)::
@@ -97,7 +106,7 @@ def langevin_corrector(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, n
         e = 2 alpha (snr |z| / |score|)^2,   x <- x + e score(x, t) + sqrt(2 e) z
 
     with ``alpha`` from ``langevin_alpha`` (``exp(-beta(t) T/N) ~ 1 - beta_i`` for VP and sub-VP, 1 for VE).
-    ``norm="batch"``: ``|z|``, ``|score|`` are per-sample norms averaged over the batch (score_sde), one step
+    ``norm="batch"``: ``|z|``, ``|score|`` are per-sample norms averaged over the batch's finite ones (score_sde), one step
     size for the batch, so a sample depends (through that scalar) on its batch. ``norm="sample"``: per-sample
     norms and step sizes; each sample is independent of its batch, which per-sample generators need. In high
     dimension the two agree (the norms concentrate); in low dimension (D ~ 2) the per-sample ratio is
@@ -111,7 +120,7 @@ def langevin_corrector(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: float, n
         z = noise.randn_like(x)
         zn, gn = _per_sample_norm(z), _per_sample_norm(grad)
         if norm == "batch":
-            zn, gn = zn.mean().expand_as(zn), gn.mean().expand_as(gn)
+            zn, gn = _finite_mean(zn).expand_as(zn), _finite_mean(gn).expand_as(gn)
         ratio = zn / gn.clamp_min(tiny)
         e = batch_broadcast(2.0 * alpha * (snr * ratio) ** 2, x)
         x = x + e * grad + torch.sqrt(2.0 * e) * z
