@@ -1,5 +1,5 @@
 """Samplers for score-based models: predictor–corrector, annealed Langevin, probability-flow ODE, DDIM,
-DPM-Solver and EDM-Heun (k-diffusion style: one small function each), in one table ``SAMPLERS`` behind one
+DPM-Solver, EDM-Heun, and the few-step DPM-Solver++, adaptive DPM-Solver, UniPC and EDM's stochastic sampler (k-diffusion style: one small function each), in one table ``SAMPLERS`` behind one
 entry point ``sample``. A method's options are its sampler function's keyword-only parameters
 (``METHOD_OPTIONS``, ``option_types``); ``check_method_options`` / ``check_sample_options`` validate them."""
 
@@ -10,7 +10,10 @@ from .api import (
     DEFAULT_DENOISE, DEFAULT_STEPS, METHOD_OPTIONS, METHODS, SAMPLERS, VP_ONLY_METHODS, check_method_options,
     check_sample_options, option_types, sample,
 )
+from .dpm_solver_pp import dynamic_threshold, sample_dpm_solver_adaptive, sample_dpm_solver_pp
+from .edm import sample_edm
 from .fast import ddim_step, sample_ddim, sample_dpm_solver, sample_heun
+from .unipc import sample_unipc
 from .ode import (
     ADAPTIVE_ODE_METHODS, FIXED_GRID_STEPS, FIXED_ODE_METHODS, ODE_METHODS, TORCHDIFFEQ_ADAPTIVE, TORCHDIFFEQ_FIXED,
     probability_flow_drift, sample_ode,
@@ -35,5 +38,6 @@ __all__ = [
     "CORRECTORS", "euler_maruyama_step", "reverse_diffusion_step", "ancestral_step", "langevin_corrector",
     "annealed_langevin_corrector", "sample_pc", "sample_langevin", "sample_ode", "probability_flow_drift", "ADAPTIVE_ODE_METHODS",
     "FIXED_ODE_METHODS", "ODE_METHODS", "TORCHDIFFEQ_ADAPTIVE", "TORCHDIFFEQ_FIXED", "FIXED_GRID_STEPS", "ddim_step", "sample_ddim",
-    "sample_dpm_solver", "sample_heun",
+    "sample_dpm_solver", "sample_heun", "sample_dpm_solver_pp", "sample_dpm_solver_adaptive", "sample_unipc", "sample_edm",
+    "dynamic_threshold",
 ]

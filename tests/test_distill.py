@@ -1,0 +1,136 @@
+"""Progressive distillation (scoresde.distill): the DDIM target identity, nested grids, the loss of a perfect
+student, the student's parameterisations, exact resume through scoresde.train's checkpoints, validation; the
+2-step student at the noise floor of the 2-D mixture (slow)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from scoresde import SubVPSDE, VESDE, VPSDE
+from scoresde.build import build_net
+from scoresde.distill import (
+    DistillOptions, ProgressiveOptions, Student, _ddim, distill_grid, mixture_2d, one_step_target, progressive_distillation,
+    progressive_loss, run_distill, sample_student, teacher_from_score,
+)
+from scoresde.train_options import TrainOptions
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE()], ids=["vp", "subvp"])
+def test_one_step_target_lands_on_the_two_step_endpoint(sde):
+    g = torch.Generator().manual_seed(0)
+    gm = mixture_2d()
+    x0 = teacher_from_score(gm.score_fn(sde), sde)
+    grid = distill_grid(sde, 8)
+    m, s = sde.marginal_coef(grid)
+    z = torch.randn(16, 2, generator=g, dtype=F64)
+    for i in (0, 2, 6):  # the last student step (6 -> 8) ends at t = 0
+        zz = z
+        for k in (i, i + 1):
+            zz = _ddim(x0(zz, grid[k].expand(16)), zz, m[k], s[k], m[k + 1], s[k + 1])
+        xt = one_step_target(z, zz, m[i], s[i], m[i + 2], s[i + 2])
+        torch.testing.assert_close(_ddim(xt, z, m[i], s[i], m[i + 2], s[i + 2]), zz, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("schedule", ["logSNR", "time_uniform"])
+def test_grids_are_nested_and_end_at_zero(schedule):
+    sde = VPSDE()
+    for n in (1, 2, 4, 32):
+        fine, coarse = distill_grid(sde, 2 * n, schedule=schedule), distill_grid(sde, n, schedule=schedule)
+        torch.testing.assert_close(fine[::2], coarse, rtol=1e-12, atol=1e-12)
+        assert coarse[0] == sde.T and coarse[-1] == 0.0 and (coarse[1:] < coarse[:-1]).all()
+
+
+def test_a_student_equal_to_the_teacher_has_zero_round0_loss():
+    sde, gm = VPSDE(), mixture_2d()
+    teacher = teacher_from_score(gm.score_fn(sde), sde)
+
+    class Perfect(torch.nn.Module):
+        def x0(self, z, t):
+            return teacher(z, t)
+
+    x = gm.sample(64, torch.Generator().manual_seed(0), dtype=F64)
+    loss = progressive_loss(teacher, sde, 16, teacher_per_step=1)(Perfect(), x, torch.Generator().manual_seed(1))
+    assert float(loss) < 1e-20  # x_tilde is the teacher's own prediction, to rounding
+    loss2 = progressive_loss(teacher, sde, 16, teacher_per_step=2)(Perfect(), x, torch.Generator().manual_seed(1))
+    assert float(loss2) > 1e-6  # one teacher step is not two
+
+
+@pytest.mark.parametrize("par", ["v", "x"])
+def test_student_parameterisations_and_score(par):
+    sde = VPSDE()
+    net = build_net("mlp", (2,), hidden=16, depth=1).double()
+    st = Student(net, sde, par)
+    z, t = torch.randn(5, 2, dtype=F64), torch.rand(5, dtype=F64) * 0.9 + 0.05
+    f = net(z, 999.0 * t)
+    m, s = sde.marginal_coef(t)
+    m, s = m[:, None], s[:, None]
+    want = f if par == "x" else m * z - s * f  # VP: alpha = m, sigma = s
+    torch.testing.assert_close(st.x0(z, t), want)
+    torch.testing.assert_close(st.score_fn(z, t), (m * want - z) / s**2)
+    x, nfe = sample_student(st.x0, sde, 4, (7, 2), torch.Generator().manual_seed(0), dtype=F64)
+    assert nfe == 4 and x.shape == (7, 2) and torch.isfinite(x).all()
+
+
+def _tiny(final_steps, n_steps, workdir, checkpoint_every=0):
+    sde, gm = VPSDE(), mixture_2d()
+    data = gm.sample(512, torch.Generator().manual_seed(0), dtype=torch.float32)
+    st = Student(build_net("mlp", (2,), hidden=16, depth=1, seed=3), sde, "v")
+    tr = TrainOptions(n_steps=n_steps, batch_size=32, lr=1e-3, warmup=0, ema_rate=0.9, log_every=5, checkpoint_every=checkpoint_every)
+    opts = ProgressiveOptions(start_steps=4, final_steps=final_steps, train=tr)
+    recs = progressive_distillation(teacher_from_score(gm.score_fn(sde), sde), sde, st, data, opts, workdir)
+    return st, recs
+
+
+def test_distillation_resumes_exactly(tmp_path):
+    """A run stopped inside round 0 and resumed (same options, longer n_steps) ends bitwise equal to one
+    uninterrupted run; a finished round is reloaded, not retrained."""
+    full, recs = _tiny(2, 12, tmp_path / "a")
+    assert [(r["steps"], r["teacher_per_step"], r["train_steps"]) for r in recs] == [(4, 1, 12), (2, 2, 12)]
+    _tiny(4, 6, tmp_path / "b", checkpoint_every=3)  # stopped after 6 of round 0's 12 steps
+    resumed, recs_b = _tiny(2, 12, tmp_path / "b")
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    again, recs_c = _tiny(2, 12, tmp_path / "b")  # everything finished: reloaded, same weights, no training time
+    for (k, a), (_, b) in zip(full.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"start_steps": 6}, "start_steps"),
+    ({"final_steps": 8, "start_steps": 4}, "final_steps"),
+    ({"schedule": "karras"}, "schedule"),
+    ({"eps": -1.0}, "eps"),
+])
+def test_progressive_options_validate(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ProgressiveOptions(**kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"method": "magic"}, "method"), ({"parameterization": "eps"}, "parameterization"), ({"sde": "ve"}, "sde"),
+    ({"mixture": "moons"}, "mixture"),
+])
+def test_distill_options_validate(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DistillOptions(**kw)
+
+
+def test_student_rejects_ve_and_bad_parameterisation():
+    net = build_net("mlp", (2,), hidden=8, depth=1)
+    with pytest.raises(ValueError, match="sde"):
+        Student(net, VESDE(), "v")
+    with pytest.raises(ValueError, match="parameterization"):
+        Student(net, VPSDE(), "eps")
+
+
+@pytest.mark.slow
+def test_two_step_student_at_the_noise_floor(tmp_path):
+    """Issue 15's goal on the 2-D mixture (teacher = the exact oracle score): a 2-step student at the floor (z < 5)."""
+    recs = run_distill(DistillOptions(start_steps=64, final_steps=2, hidden=128, depth=3, n_steps=3000, n_data=20000,
+                                      workdir=str(tmp_path), progress=False))
+    assert recs[-1]["steps"] == 2 and recs[-1]["z"] < 5, recs
