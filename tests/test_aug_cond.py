@@ -3,6 +3,8 @@ conditioned loss (the network learns p_a = p * N(0, a^2) indexed by a; samplers 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -108,3 +110,34 @@ def test_conditioned_loss_refuses_bad_input():
     mlp = ScoreModel(MLPScoreNet(4, hidden=8, depth=1), sde)
     with pytest.raises(ValueError, match="aug_cond=True"):
         aug(mlp, torch.zeros(2, 4), torch.Generator().manual_seed(0))
+
+
+def test_cli_trains_the_conditioned_augmentation_and_refuses_it_without_augmentation(tmp_path, capsys):
+    import json
+
+    from scoresde import load
+    from scoresde.cli import train_main
+
+    common = ["train=tiny", "eval=tiny", "progress=false", "data=digits", "data.n_train=64", "data.n_eval=8",
+              "model=convnet", "model.ch=8", "model.num_groups=4", "model.aug_cond=true", "eval.nll=false"]
+    with pytest.raises(SystemExit) as e:
+        train_main(common + ["data.noise_mixture_prob=0", f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert e.value.code == 2
+    assert "model.aug_cond=true" in capsys.readouterr().err and not (tmp_path / "bad" / "checkpoint.pt").exists()
+    run = tmp_path / "run"
+    train_main(common + ["data.noise_mixture_prob=0.5", f"hydra.run.dir={run}"])
+    m = json.loads((run / "metrics.json").read_text())
+    assert math.isfinite(m["train"]["final_loss"]) and m["samples"]["nonfinite"] == 0
+    model, _ = load(run)
+    assert model.net.aug_cond and model._net_kwargs == {}
+
+
+def test_prepare_leaves_the_augmentation_to_the_conditioned_loss():
+    from scoresde.runs import DataOptions, make_prepare
+
+    data = DataOptions(name="digits", noise_mixture_prob=1.0)
+    batch = torch.randint(0, 17, (32, 1, 8, 8))
+    plain = make_prepare(data, 17, torch.float32)(batch, torch.Generator().manual_seed(0))
+    cond = make_prepare(data, 17, torch.float32, conditioned=True)(batch, torch.Generator().manual_seed(0))
+    deq = make_prepare(DataOptions(name="digits"), 17, torch.float32)(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(cond, deq) and not torch.equal(plain, deq)
