@@ -15,6 +15,7 @@ Flags:
     --cifar10         use ``experiment=ddpm_vs_sde_cifar10`` instead of the digits preset.
     --publish DIR     copy the table, CSV and figure to ``DIR/ddpm_vs_sde[_cifar10].*`` with the exact
                       command, commit, machine and wall time.
+    --stem NAME       publish as ``DIR/NAME.*`` instead (e.g. ``ddpm_vs_sde_convnet`` for ``model=convnet``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def main(argv=None) -> None:
         i = argv.index("--publish")
         publish = Path(argv[i + 1])
         del argv[i: i + 2]
+    stem = None
+    if "--stem" in argv:
+        i = argv.index("--stem")
+        stem = argv[i + 1]
+        del argv[i: i + 2]
     preset = "ddpm_vs_sde"
     if "--cifar10" in argv:
         argv.remove("--cifar10")
@@ -72,7 +78,7 @@ def main(argv=None) -> None:
     if publish is not None:
         publish.mkdir(parents=True, exist_ok=True)
         src = Path(run_dir)
-        stem = preset
+        stem = stem or preset
         for ext in ("csv", "png"):
             shutil.copyfile(src / f"comparison.{ext}", publish / f"{stem}.{ext}")
         shutil.copyfile(src / "metrics.json", publish / f"{stem}_metrics.json")
