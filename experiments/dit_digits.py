@@ -14,7 +14,7 @@ of 300 DPM-Solver samples (order 3, 20 steps, the quickstart's sampler) to the t
 features, and FD's floor at the same N: 300 training images against the test split. Training time is the process's
 CPU seconds (one thread) and wall seconds.
 
-    OMP_NUM_THREADS=1 nice -n 5 python experiments/dit_digits.py --steps 3000 --runs outputs/dit_digits \
+    OMP_NUM_THREADS=1 nice -n 5 python experiments/dit_digits.py --steps 2000 --runs outputs/dit_digits \
         --out experiments/results/dit_digits
 """
 
@@ -87,7 +87,7 @@ def write_table(rows: list[dict], out: str) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="outputs/dit_digits", help="run directories go to RUNS/<model>")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")

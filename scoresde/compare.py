@@ -173,9 +173,12 @@ def _compare_row(variant: str, m: dict, labels: list) -> dict:
         row[f"{label}_mmd2"] = s.get("mmd2") if s else None
         row[f"{label}_swd"] = s.get("swd") if s else None
         row[f"{label}_fd"] = s.get("fd") if s else None
+        row[f"{label}_precision"] = s.get("precision") if s else None
+        row[f"{label}_recall"] = s.get("recall") if s else None
         row[f"{label}_nonfinite"] = s.get("nonfinite") if s else None
-        if s and s.get("fd_floor") is not None:
-            row["fd_floor"] = s["fd_floor"]
+        for k in ("fd_floor", "precision_floor", "recall_floor", "n_floor"):
+            if s and s.get(k) is not None:
+                row[k] = s[k]
         if s and s.get("mmd2_floor") is not None:
             row["mmd2_floor"] = s["mmd2_floor"]
     return row
@@ -192,19 +195,31 @@ def _write_compare_table(rows: list, labels: list, outdir: Path) -> None:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
     use_fd = any(r.get(f"{l}_fd") is not None for r in rows for l in labels)
     q = "FD" if use_fd else "MMD²"
-    head = ["variant", "test NLL (ODE) bits/dim", "test DDPM ELBO bits/dim"] + [f"{l}: method, NFE, {q}" for l in labels]
+    use_pr = any(r.get(f"{l}_precision") is not None for r in rows for l in labels)
+    q += ", precision / recall" if use_pr else ""
+    head = (["variant", "train min", "test NLL (ODE) bits/dim", "test DDPM ELBO bits/dim"]
+            + [f"{l}: method, NFE, {q}" for l in labels])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], _fmt_pm(r["ode_nll_bpd"], r["ode_nll_bpd_se"]), _fmt_pm(r["elbo_bpd"], r["elbo_bpd_se"])]
+        cells = [r["variant"], f"{r['train_seconds'] / 60:.1f}", _fmt_pm(r["ode_nll_bpd"], r["ode_nll_bpd_se"]),
+                 _fmt_pm(r["elbo_bpd"], r["elbo_bpd_se"])]
         for l in labels:
             if r.get(f"{l}_nfe") is None:
                 cells.append("n/a")
                 continue
             v = r.get(f"{l}_fd") if use_fd else r.get(f"{l}_mmd2")
             bad = r.get(f"{l}_nonfinite") or 0
-            cells.append(f"{r[f'{l}_method']}, {r[f'{l}_nfe']:.0f}, " + (f"{v:.4g}" if v is not None else "–") + (f" ({bad} non-finite)" if bad else ""))
+            pr = (f", {r[f'{l}_precision']:.2f} / {r[f'{l}_recall']:.2f}" if r.get(f"{l}_precision") is not None else "")
+            cells.append(f"{r[f'{l}_method']}, {r[f'{l}_nfe']:.0f}, " + (f"{v:.4g}" if v is not None else "–") + pr
+                         + (f" ({bad} non-finite)" if bad else ""))
         lines.append("| " + " | ".join(cells) + " |")
     floor = next((r.get("fd_floor" if use_fd else "mmd2_floor") for r in rows if r.get("fd_floor" if use_fd else "mmd2_floor") is not None), None)
     if floor is not None:
-        lines += ["", f"{q} between training and test images of the same count (the floor): {floor:.4g}"]
+        q0 = "FD" if use_fd else "MMD²"
+        lines += ["", f"{q0} between training and test images of the same count (the floor): {floor:.4g}"]
+        pr0 = next((r for r in rows if r.get("precision_floor") is not None), None)
+        if pr0 is not None:
+            lines[-1] += (f"; precision / recall of those training images: {pr0['precision_floor']:.2f} / "
+                          f"{pr0['recall_floor']:.2f} (k-NN, N = {pr0.get('n_floor', '?')})")
+        lines[-1] += ". Train min: wall-clock minutes of training."
     (outdir / "comparison.md").write_text("\n".join(lines) + "\n")
