@@ -290,14 +290,15 @@ class ExportOptions:
         return self
 
 
-def run_export(options: ExportOptions) -> dict:
-    """Export ``options.ckpt``'s EMA model; returns ``{"format", "dir", "files"}`` (the paths written).
+def run_export(options: ExportOptions, outdir=None) -> dict:
+    """Export ``options.ckpt``'s EMA model into ``options.out``, else ``outdir`` (the app's output directory), else
+    ``<run dir>/export``; returns ``{"format", "dir", "files", "options"}`` (the paths written).
 
     ONNX writes ``model.onnx`` (and ``model.int8.onnx`` with ``int8``) plus ``config.json`` and the model card
     ``README.md``; safetensors writes ``model.safetensors``, ``config.json``, ``README.md``.
     """
     o = options.check()
-    out = Path(o.out) if o.out else _run_dir(o.ckpt) / "export"
+    out = Path(o.out) if o.out else Path(outdir) if outdir is not None else _run_dir(o.ckpt) / "export"
     if o.format == "safetensors":
         export_safetensors(o.ckpt, out)
         files = [WEIGHTS_NAME, CONFIG_NAME, CARD_NAME]
