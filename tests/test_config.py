@@ -141,8 +141,12 @@ def test_every_experiment_validates(hydra_ctx, exp):
 
 def test_experiment_presets(hydra_ctx):
     q = C.to_run(C.validate(make("train", ["experiment=quickstart"])))
-    assert (q.data.name, q.sde["name"], q.sampler["method"], q.net["name"]) == ("digits", "vp", "dpm_solver", "mlp")
-    assert q.train.n_steps == 3000 and q.train.select_metric == "val_loss" and q.data.noise_mixture_prob == 0.2
+    assert (q.data.name, q.sde["name"], q.sampler["method"], q.net["name"]) == ("digits", "vp", "dpm_solver", "convnet")
+    assert q.train.n_steps == 2500 and q.train.lr_schedule == "cosine" and q.data.noise_mixture_prob == 0
+    assert q.eval.n_samples == 300 and q.eval.fd
+    old = C.to_run(C.validate(make("train", ["experiment=quickstart_mlp"])))
+    assert old.net["name"] == "mlp" and old.train.n_steps == 3000 and old.train.select_metric == "val_loss"
+    assert old.data.noise_mixture_prob == 0.2
     ddpm = C.to_run(C.validate(make("train", ["experiment=cifar10_ddpm"])))
     assert ddpm.loss["continuous"] is False and ddpm.sampler["predictor"] == "ancestral"
     ve = C.to_run(C.validate(make("train", ["experiment=cifar10_ncsnpp_ve"])))
