@@ -47,6 +47,7 @@ from .train_options import TrainOptions
 __all__ = [
     "Student", "PARAMETERIZATIONS", "GRID_SCHEDULES", "distill_grid", "teacher_from_score", "progressive_loss", "one_step_target",
     "sample_student", "ProgressiveOptions", "progressive_distillation", "DistillOptions", "run_distill", "mixture_2d",
+    "ConsistencyModel", "consistency_loss", "ct_schedule", "sample_consistency", "teacher_eps_from_score", "consistency_times",
 ]
 
 PARAMETERIZATIONS = ("v", "x")
@@ -258,6 +259,145 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
     return records
 
 
+# --- consistency models (Song et al. 2023) -----------------------------------------------------------------
+# In EDM's variables of the SDE: x_hat = x / m(t), sigma = s(t) / m(t), so x_hat = x_0 + sigma z and the PF-ODE is
+# d x_hat / d sigma = eps_hat(m x_hat, t) (as in ``samplers.fast.sample_heun``); sigma_min = sigma(eps).
+class ConsistencyModel(nn.Module):
+    """``f(x_hat, t) = c_skip(sigma) x_hat + c_out(sigma) F(c_in(sigma) x_hat, 999 t)`` (Song et al. 2023, eq. 5 with
+    EDM's ``c_in``)::
+
+        c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2),  c_out = sigma_d (sigma - sigma_min) / sqrt(sigma_d^2 + sigma^2),
+        c_in = 1 / sqrt(sigma^2 + sigma_d^2)
+
+    so ``f(x_hat, eps) = x_hat`` exactly (the boundary condition). ``target`` is the EMA copy ``theta^-`` of the
+    network (``mu`` per step; updated by the loss, see ``consistency_loss``); ``k`` counts the loss calls; both are
+    part of the state dict, so a checkpoint resumes the run exactly. ``x_hat (B, *dims)``, ``t (B,)``.
+    """
+
+    def __init__(self, net: nn.Module, sde: SDE, eps: Optional[float] = None, sigma_data: float = 0.5):
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module; got {type(net).__name__}")
+        self.net, self.sde = net, _check_sde(sde)
+        self.eps = end_time(sde, eps)
+        self.sigma_data = check_positive("sigma_data", sigma_data)
+        m, s = sde.marginal_coef(torch.tensor([self.eps], dtype=torch.float64))
+        self.sigma_min = float(s / m)
+        self.target = copy.deepcopy(net).requires_grad_(False)
+        self.register_buffer("k", torch.zeros((), dtype=torch.int64))
+
+    def _f(self, net, x_hat, t):
+        m, s = self.sde.marginal_coef(t)
+        sig = batch_broadcast(s / m, x_hat)
+        sd2, dsig = self.sigma_data ** 2, sig - self.sigma_min
+        c_skip = sd2 / (dsig * dsig + sd2)
+        c_out = self.sigma_data * dsig / torch.sqrt(sd2 + sig * sig)
+        return c_skip * x_hat + c_out * net(x_hat / torch.sqrt(sig * sig + sd2), VP_TIME_SCALE * t)
+
+    def forward(self, x_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``f_theta(x_hat, t)``, the online network."""
+        return self._f(self.net, x_hat, t)
+
+    def target_f(self, x_hat: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``f_{theta^-}(x_hat, t)``, the target network (no gradient)."""
+        with torch.no_grad():
+            return self._f(self.target, x_hat, t)
+
+    @torch.no_grad()
+    def update_target(self, mu: float) -> None:
+        """``theta^- <- mu theta^- + (1 - mu) theta``."""
+        for pt, p in zip(self.target.parameters(), self.net.parameters()):
+            pt.mul_(mu).add_(p.detach(), alpha=1.0 - mu)
+
+
+def ct_schedule(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float = 0.9) -> tuple[int, float]:
+    """Consistency training's ``N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1`` and
+    ``mu(k) = exp(s0 log(mu0) / N(k))`` (Song et al. 2023, App. C)."""
+    N = math.ceil(math.sqrt(k / max(K, 1) * ((s1 + 1) ** 2 - s0 ** 2) + s0 ** 2) - 1) + 1
+    return N, math.exp(s0 * math.log(mu0) / N)
+
+
+def _sigma_grid(sde, N, eps):
+    """``N`` Karras times (``rho = 7``) from ``T`` down to ``eps``, with ``m``, ``s``, ``sigma`` (float64, CPU)."""
+    g = time_grid(sde, N - 1, eps, "karras")
+    m, s = sde.marginal_coef(g)
+    return g, m, s, s / m
+
+
+def consistency_loss(cm: ConsistencyModel, teacher_eps: Optional[X0Fn], N: int = 18, mu: float = 0.95,
+                     ct: Optional[tuple] = None):
+    """``loss_fn(cm, x, generator)`` of consistency distillation (``teacher_eps`` given; Alg. 2 with the teacher's
+    Heun step in ``sigma``) or consistency training (``teacher_eps=None``, Alg. 3: both points share ``z``)::
+
+        n ~ U{0..N-2},  x_hi = x + sigma_n z  (sigma_n > sigma_{n+1} on Karras' grid of N points)
+        x_lo = Heun_teacher(x_hi, sigma_n -> sigma_{n+1})  (CD)   or   x + sigma_{n+1} z  (CT)
+        L = mean |f_theta(x_hi, t_n) - f_{theta^-}(x_lo, t_{n+1})|^2
+
+    Before each loss (from the second on) the target takes the EMA step of the optimiser step just made. CD: fixed
+    ``N``, ``mu``; CT: ``ct = (K, s0, s1, mu0)`` gives ``N(k)``, ``mu(k)`` of ``ct_schedule`` at loss call ``k``.
+    ``teacher_eps(x, t)``: the teacher's ``eps_hat = -s score``."""
+    cache = {}
+
+    def loss_fn(model: ConsistencyModel, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        k = int(model.k)
+        n_pts, m_u = (N, mu) if ct is None else ct_schedule(k, *ct)
+        if k > 0:
+            prev_mu = m_u if ct is None else ct_schedule(k - 1, *ct)[1]
+            model.update_target(prev_mu)
+        model.k += 1
+        if n_pts not in cache:
+            cache[n_pts] = _sigma_grid(model.sde, n_pts, model.eps)
+        g, m, s, sig = (v.to(device=x.device, dtype=x.dtype) for v in cache[n_pts])
+        B = x.shape[0]
+        n = torch.randint(0, n_pts - 1, (B,), generator=generator, device=x.device)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        b = lambda v, j: batch_broadcast(v[n + j], x)  # noqa: E731
+        x_hi = x + b(sig, 0) * z
+        if teacher_eps is None:
+            x_lo = x + b(sig, 1) * z
+        else:
+            with torch.no_grad():
+                dsig = b(sig, 1) - b(sig, 0)
+                d = teacher_eps(b(m, 0) * x_hi, g[n])
+                xp = x_hi + dsig * d
+                x_lo = x_hi + dsig * 0.5 * (d + teacher_eps(b(m, 1) * xp, g[n + 1]))
+        err = model(x_hi, g[n]) - model.target_f(x_lo, g[n + 1])
+        return err.pow(2).reshape(B, -1).mean(1).mean()
+
+    return loss_fn
+
+
+@torch.no_grad()
+def sample_consistency(cm: ConsistencyModel, shape, generator: Optional[torch.Generator] = None, times=(), device=None,
+                       dtype=torch.float32) -> tuple[torch.Tensor, int]:
+    """Consistency sampling (Song et al. 2023, Alg. 1): ``x = f(x_T / m(T), T)`` from ``x_T ~ N(0, prior_std^2 I)``,
+    then for each ``t`` of ``times`` (decreasing, in ``(eps, T)``): ``x <- f(x + sqrt(sigma(t)^2 - sigma_min^2) z, t)``.
+    Returns the samples ``shape`` and the NFE ``1 + len(times)``."""
+    sde = cm.sde
+    T = float(sde.T)
+    xT = cm.sde.prior_std * torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    mT, _ = sde.marginal_coef(torch.tensor([T], dtype=torch.float64))
+    full = lambda t: torch.full((xT.shape[0],), float(t), device=xT.device, dtype=xT.dtype)  # noqa: E731
+    x = cm(xT / float(mT), full(T))
+    for t in times:
+        if not cm.eps < float(t) < T:
+            raise ValueError(f"times must lie in (eps, T) = ({cm.eps}, {T}); got {t!r}")
+        m, s = sde.marginal_coef(torch.tensor([float(t)], dtype=torch.float64))
+        sig = float(s / m)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = cm(x + math.sqrt(max(sig * sig - cm.sigma_min ** 2, 0.0)) * noise, full(t))
+    return x, 1 + len(times)
+
+
+def teacher_eps_from_score(score_fn, sde: SDE) -> X0Fn:
+    """``eps_hat(x, t) = -s(t) score(x, t)`` of any ``score_fn(x, t)``."""
+
+    def eps(x, t):
+        return -batch_broadcast(sde.marginal_coef(t)[1], x) * score_fn(x, t)
+
+    return eps
+
+
 # --- the plain entry point -----------------------------------------------------------------------------------
 @dataclass
 class DistillOptions:
@@ -268,7 +408,12 @@ class DistillOptions:
     (``data.default_gmm(2)``). ``sde``: ``"vp"`` or ``"subvp"``. ``parameterization``: ``v`` or ``x``. Student: ``MLPScoreNet`` with
     ``hidden``, ``depth``. ``n_data`` training examples; ``n_eval`` samples for the MMD^2 check against fresh data
     (z = MMD^2 / std of data-vs-data MMD^2; ``z < 3`` is at the noise floor). ``n_steps``, ``batch_size``, ``lr``,
-    ``ema_rate``: every round's training. ``workdir``: the run directory (resumed when it exists)."""
+    ``ema_rate``: every round's training. ``workdir``: the run directory (resumed when it exists).
+
+    ``method``: ``progressive`` (``start_steps`` -> ``final_steps``), ``consistency_distillation`` (teacher Heun steps on
+    Karras' grid of ``cm_N`` points, target EMA ``cm_mu``) or ``consistency_training`` (no teacher; ``N(k)``, ``mu(k)``
+    from ``cm_s0``, ``cm_s1``, ``cm_mu0``); consistency models use ``sigma_data`` and are evaluated at the NFEs of
+    ``cm_eval_nfe`` (comma-separated), trained for ``n_steps`` in one run."""
 
     method: str = "progressive"
     teacher: str = "oracle"
@@ -287,12 +432,25 @@ class DistillOptions:
     batch_size: int = 256
     lr: float = 1e-3
     ema_rate: float = 0.999
+    cm_N: int = 18
+    cm_mu: float = 0.95
+    cm_mu0: float = 0.9
+    cm_s0: int = 2
+    cm_s1: int = 150
+    sigma_data: float = 0.5
+    cm_eval_nfe: str = "1,2,4"
     seed: int = 0
-    workdir: str = "runs/distill"
+    workdir: str = "outputs/distill"
     progress: bool = True
 
     def __post_init__(self):
-        check_choice("method", self.method, ("progressive",))
+        check_choice("method", self.method, METHODS)
+        check_int("cm_N", self.cm_N, 2)
+        check_positive("sigma_data", self.sigma_data)
+        for name in ("cm_mu", "cm_mu0"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{name} must lie in [0, 1); got {v!r}")
         check_choice("teacher", self.teacher, ("oracle",))
         check_choice("mixture", self.mixture, MIXTURES)
         check_choice("sde", self.sde, ("vp", "subvp"))
@@ -302,6 +460,7 @@ class DistillOptions:
 
 
 MIXTURES = ("benchmark", "gmm")
+METHODS = ("progressive", "consistency_distillation", "consistency_training")
 
 
 def mixture_2d(name: str = "benchmark"):
@@ -317,25 +476,46 @@ def mixture_2d(name: str = "benchmark"):
     return GaussianMixture(means, torch.tensor([0.15, 0.3, 0.2, 0.25], dtype=f64), torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=f64))
 
 
-def _mmd_eval(gm, sde, n_eval: int, seed: int):
-    """``eval_fn(student, steps) -> {"mmd2", "z", "nfe"}``: the student's samples against fresh mixture data."""
+def _mmd_scorer(gm, n_eval: int, seed: int):
+    """``score(x) -> {"mmd2", "z"}``: samples ``x (n_eval, D)`` against fresh mixture data; ``z = MMD^2 / std`` of
+    the data-vs-data statistic (``z < 3``: at the noise floor)."""
     from .metrics import median_bandwidth, mmd2_unbiased
 
     data = [gm.sample(n_eval, torch.Generator().manual_seed(10_000 + seed + i), dtype=torch.float64) for i in range(11)]
     bw = [median_bandwidth(data[0], data[1]) * c for c in (0.25, 0.5, 1.0, 2.0, 4.0)]
     sd = float(torch.stack([mmd2_unbiased(data[0], data[i], bw) for i in range(1, 11)]).std())
 
+    def score(x):
+        mmd = float(mmd2_unbiased(x.double(), data[0], bw)) if torch.isfinite(x).all() else float("nan")
+        return {"mmd2": mmd, "z": mmd / sd}
+
+    return score
+
+
+def _mmd_eval(gm, sde, n_eval: int, seed: int):
+    """``eval_fn(student, steps) -> {"nfe", "mmd2", "z"}`` of a progressive-distillation student."""
+    score = _mmd_scorer(gm, n_eval, seed)
+
     def eval_fn(student, steps):
-        x, nfe = sample_student(student.x0, sde, steps, (n_eval, data[0].shape[1]), torch.Generator().manual_seed(seed + 7))
-        mmd = float(mmd2_unbiased(x.double(), data[0], bw))
-        return {"nfe": nfe, "mmd2": mmd, "z": mmd / sd}
+        x, nfe = sample_student(student.x0, sde, steps, (n_eval, 2), torch.Generator().manual_seed(seed + 7))
+        return {"nfe": nfe, **score(x)}
 
     return eval_fn
 
 
+def consistency_times(sde: SDE, nfe: int, N: int, eps: Optional[float] = None) -> list[float]:
+    """The ``nfe - 1`` intermediate times of multistep consistency sampling, taken from the training grid (Karras'
+    ``N`` points from ``T`` to ``eps``, ``rho = 7``; a network trained on those times only need not interpolate between
+    them): the points of index ``round(i (N - 1) / nfe)``, ``i = 1..nfe-1``."""
+    g = time_grid(sde, N - 1, end_time(sde, eps), "karras")
+    return [float(g[round(i * (N - 1) / nfe)]) for i in range(1, nfe)]
+
+
 def run_distill(options: DistillOptions) -> list[dict]:
-    """Distil the teacher of ``options`` into a ``final_steps`` student (``progressive_distillation``); returns the
-    per-round records (steps, NFE, MMD^2 z-score, training seconds), also written to ``workdir/rounds.jsonl``."""
+    """Distil the teacher of ``options`` into a few-step generator: a ``final_steps`` student
+    (``progressive_distillation``) or a consistency model (``consistency_loss``, distillation or training); returns
+    one record per round / per evaluated NFE (steps, NFE, MMD^2 z-score, training seconds), also written to
+    ``workdir/rounds.jsonl``."""
     from .build import build_net, build_sde
 
     if not isinstance(options, DistillOptions):
@@ -345,11 +525,36 @@ def run_distill(options: DistillOptions) -> list[dict]:
     gm = mixture_2d(o.mixture)
     data = gm.sample(o.n_data, torch.Generator().manual_seed(o.seed), dtype=torch.float32)
     net = build_net("mlp", (data.shape[1],), seed=o.seed, hidden=o.hidden, depth=o.depth)
-    student = Student(net, sde, o.parameterization)
     teacher = teacher_from_score(gm.score_fn(sde), sde)
     tr = TrainOptions(n_steps=o.n_steps, batch_size=o.batch_size, lr=o.lr, warmup=0, ema_rate=o.ema_rate, seed=o.seed,
                       log_every=max(1, o.n_steps // 4))
-    popts = ProgressiveOptions(start_steps=o.start_steps, final_steps=o.final_steps, eps=o.eps, schedule=o.schedule, train=tr)
     Path(o.workdir).mkdir(parents=True, exist_ok=True)
     (Path(o.workdir) / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=1))
-    return progressive_distillation(teacher, sde, student, data, popts, o.workdir, _mmd_eval(gm, sde, o.n_eval, o.seed), o.progress)
+    if o.method == "progressive":
+        student = Student(net, sde, o.parameterization)
+        popts = ProgressiveOptions(start_steps=o.start_steps, final_steps=o.final_steps, eps=o.eps, schedule=o.schedule, train=tr)
+        return progressive_distillation(teacher, sde, student, data, popts, o.workdir, _mmd_eval(gm, sde, o.n_eval, o.seed), o.progress)
+    return _run_consistency(o, sde, gm, net, data, tr)
+
+
+def _run_consistency(o: DistillOptions, sde, gm, net, data, tr) -> list[dict]:
+    cm = ConsistencyModel(net, sde, o.eps, o.sigma_data)
+    if o.method == "consistency_distillation":
+        loss_fn = consistency_loss(cm, teacher_eps_from_score(gm.score_fn(sde), sde), N=o.cm_N, mu=o.cm_mu)
+    else:
+        loss_fn = consistency_loss(cm, None, ct=(o.n_steps, o.cm_s0, o.cm_s1, o.cm_mu0))
+    t0 = time.perf_counter()
+    result = train(cm, loss_fn, data, tr, Path(o.workdir) / "train", progress=o.progress)
+    seconds = time.perf_counter() - t0
+    score = _mmd_scorer(gm, o.n_eval, o.seed)
+    ema = copy.deepcopy(result.ema.module).eval()
+    records = []
+    N = o.cm_N if o.method == "consistency_distillation" else ct_schedule(o.n_steps, o.n_steps, o.cm_s0, o.cm_s1, o.cm_mu0)[0]
+    for nfe in (int(v) for v in str(o.cm_eval_nfe).split(",")):
+        times = consistency_times(sde, nfe, N, o.eps)
+        x, n = sample_consistency(ema, (o.n_eval, 2), torch.Generator().manual_seed(o.seed + 7), times)
+        records.append({"method": o.method, "steps": n, "nfe": n, "train_steps": result.step, "seconds": round(seconds, 2), **score(x)})
+    with open(Path(o.workdir) / "rounds.jsonl", "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    return records

@@ -134,3 +134,102 @@ def test_two_step_student_at_the_noise_floor(tmp_path):
     recs = run_distill(DistillOptions(start_steps=64, final_steps=2, hidden=128, depth=3, n_steps=3000, n_data=20000,
                                       workdir=str(tmp_path), progress=False))
     assert recs[-1]["steps"] == 2 and recs[-1]["z"] < 5, recs
+
+
+def test_config_file_is_the_options_defaults():
+    """configs/distill.yaml holds exactly DistillOptions' fields and defaults (the library is the schema)."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    import scoresde
+
+    cfg = yaml.safe_load((Path(scoresde.__file__).parent / "configs" / "distill.yaml").read_text())
+    assert cfg == {f.name: f.default for f in dataclasses.fields(DistillOptions)}
+    DistillOptions(**cfg)
+
+
+# --- consistency models ----------------------------------------------------------------------------------------
+def _cm(sigma_data=0.5, seed=0):
+    from scoresde.distill import ConsistencyModel
+
+    return ConsistencyModel(build_net("mlp", (2,), hidden=16, depth=1, seed=seed).double(), VPSDE(), sigma_data=sigma_data)
+
+
+def test_consistency_boundary_condition_is_exact():
+    """f(x_hat, eps) = x_hat for any network (c_skip(sigma_min) = 1, c_out(sigma_min) = 0)."""
+    cm = _cm()
+    with torch.no_grad():
+        for p in cm.net.parameters():
+            p.normal_()
+    x = torch.randn(9, 2, dtype=F64)
+    t = torch.full((9,), cm.eps, dtype=F64)
+    torch.testing.assert_close(cm(x, t), x, rtol=0, atol=1e-12)
+    assert (cm(x, t.fill_(0.5)) - x).abs().max() > 1e-3
+
+
+def test_ct_schedule_endpoints():
+    from scoresde.distill import ct_schedule
+
+    assert ct_schedule(0, 100) == (2, pytest.approx(0.9))  # N(0) = s0, mu(0) = mu0^(s0/N) = mu0
+    N, mu = ct_schedule(100, 100)
+    assert N == 151 and mu == pytest.approx(0.9 ** (2 / 151))
+    assert [ct_schedule(k, 100)[0] for k in range(0, 101, 10)] == sorted(ct_schedule(k, 100)[0] for k in range(0, 101, 10))
+
+
+@pytest.mark.parametrize("method", ["cd", "ct"])
+def test_consistency_loss_updates_the_target_by_ema(method):
+    from scoresde.distill import consistency_loss, teacher_eps_from_score
+
+    sde, gm = VPSDE(), mixture_2d()
+    cm = _cm()
+    teacher = teacher_eps_from_score(gm.score_fn(sde), sde) if method == "cd" else None
+    lf = consistency_loss(cm, teacher, N=10, mu=0.9) if method == "cd" else consistency_loss(cm, None, ct=(50, 2, 150, 0.9))
+    x = gm.sample(32, torch.Generator().manual_seed(0), dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    loss = lf(cm, x, g)
+    assert torch.isfinite(loss) and float(loss.detach()) >= 0 and int(cm.k) == 1
+    loss.backward()
+    with torch.no_grad():
+        for p in cm.net.parameters():
+            p.sub_(0.1 * p.grad)  # a made-up optimiser step
+    before = [p.clone() for p in cm.target.parameters()]
+    lf(cm, x, g)  # the second call first moves the target towards the stepped network
+    mu = 0.9 if method == "cd" else __import__("scoresde.distill", fromlist=["ct_schedule"]).ct_schedule(0, 50)[1]
+    for b, pt, p in zip(before, cm.target.parameters(), cm.net.parameters()):
+        torch.testing.assert_close(pt, mu * b + (1 - mu) * p)
+
+
+def test_consistency_sampling_counts_and_validates():
+    from scoresde.distill import consistency_times, sample_consistency
+
+    cm = _cm()
+    times = consistency_times(VPSDE(), 4, 18)
+    assert len(times) == 3 and all(a > b for a, b in zip(times, times[1:]))
+    x, nfe = sample_consistency(cm, (5, 2), torch.Generator().manual_seed(0), times, dtype=F64)
+    assert nfe == 4 and x.shape == (5, 2) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="times"):
+        sample_consistency(cm, (5, 2), None, [1.5], dtype=F64)
+
+
+def test_consistency_distillation_resumes_exactly(tmp_path):
+    from scoresde.distill import consistency_loss, teacher_eps_from_score
+    from scoresde.train import train
+
+    sde, gm = VPSDE(), mixture_2d()
+    data = gm.sample(256, torch.Generator().manual_seed(0), dtype=F64)
+
+    def run(n_steps, workdir, ckpt=0):
+        cm = _cm(seed=4)
+        lf = consistency_loss(cm, teacher_eps_from_score(gm.score_fn(sde), sde), N=10, mu=0.9)
+        tr = TrainOptions(n_steps=n_steps, batch_size=32, lr=1e-3, warmup=0, ema_rate=0.9, log_every=5, checkpoint_every=ckpt)
+        train(cm, lf, data, tr, workdir, progress=False)
+        return cm
+
+    full = run(10, tmp_path / "a")
+    run(5, tmp_path / "b", ckpt=5)
+    resumed = run(10, tmp_path / "b")
+    assert int(resumed.k) == 10
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
