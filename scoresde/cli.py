@@ -181,9 +181,20 @@ def _check_train_dir(c, overrides: list) -> None:
 
 def _run_app(config_name: str, run_fn: Callable, argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    saved = os.environ.get("HYDRA_FULL_ERROR")
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _run_checked(config_name, run_fn, argv)
+    finally:  # an in-process caller (a test, a notebook) keeps its environment
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def _run_checked(config_name: str, run_fn: Callable, argv: list) -> None:
     legacy = C.legacy_override_error(argv)
     if legacy:
         _fail(f"Config error: {legacy}")

@@ -298,10 +298,17 @@ def _sampler_dict(node) -> dict:
     return {"method": node.method, **_group_kwargs(node, "method")}
 
 
-def check_sampler(sampler: dict, sde, prefix: str = "sampler") -> dict:
-    """A sampler dict checked against ``sde`` by ``samplers.check_sample_options``; errors name ``prefix.<option>``."""
+def check_sampler(sampler: dict, sde, prefix: str = "sampler", dtype: str = "float32") -> dict:
+    """A sampler dict checked against ``sde`` by ``samplers.check_sample_options`` and, for the fast solvers, the
+    SDE's range in the run's ``dtype`` (``samplers.fast.check_schedule``); errors name ``prefix.<option>``."""
+    import torch
+
+    from .samplers.fast import check_schedule
+
     opts = {k: v for k, v in sampler.items() if k != "method"}
     _library_check(prefix, lambda: samplers.check_sample_options(sde, sampler["method"], **opts), list(opts) + ["method"])
+    if sampler["method"] in ("ddim", "dpm_solver", "heun"):
+        _library_check(prefix, lambda: check_schedule(sde, sampler["method"], getattr(torch, dtype)), ["method"])
     return sampler
 
 
@@ -380,7 +387,7 @@ def validate(cfg):
         sde = _library_check("sde", lambda: build.build_sde(c.sde.name, **kw), list(kw))
         _, loss = _split_train(c.train)
         _check_model(c, sde, c.data, loss)
-        check_sampler(_sampler_dict(c.sampler), sde)
+        check_sampler(_sampler_dict(c.sampler), sde, dtype=c.dtype)
     if isinstance(c, _Saved):
         if (c.ckpt is None) == (c.score_sde_ckpt is None):
             raise ConfigError("give exactly one of ckpt=<scoresde-train run dir or checkpoint> or "

@@ -268,7 +268,7 @@ def test_debug_flag_gives_the_traceback(tmp_path, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(Exception, match="no such file"):
         sample_main(SAMPLE + ["--debug", "ckpt=nowhere", f"hydra.run.dir={tmp_path / 'b'}"])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert "HYDRA_FULL_ERROR" not in os.environ  # the flag does not outlive the command
 
 
 # ------------------------------------------------------------------------------------------------- 5. no silent NaN / broadcast
@@ -384,3 +384,60 @@ def test_numpy_integer_steps_are_accepted():
         r = sample(score, sde, (4, 2), method=method, steps=np.int64(4), generator=torch.Generator().manual_seed(0),
                    dtype=torch.float64)
         assert r.info["steps"] == 4
+
+
+# ------------------------------------------------------------------------------------------------- 6. unsafe schedules
+@pytest.mark.parametrize("method", ["ddim", "dpm_solver", "heun"])
+def test_fast_samplers_refuse_a_schedule_they_cannot_compute(method):
+    """Before: VPSDE(beta_max=999) passed validation and DDIM / DPM-Solver / Heun returned all-NaN samples (float32);
+    beta_max=100 gave Heun samples of mean 45.8."""
+    from scoresde import sample
+    from scoresde.data import default_gmm
+    from scoresde.sde import VPSDE
+
+    gm = default_gmm(2)
+    calls = []
+
+    for bm in (999.0, 100.0):
+        sde = VPSDE(beta_max=bm)
+        score = gm.score_fn(sde)
+        if method == "ddim" and bm == 100.0:  # DDIM's x0 stays finite here: it samples, and soundly
+            r = sample(score, sde, (2000, 2), method=method, generator=torch.Generator().manual_seed(0))
+            ref = gm.sample(20000, generator=torch.Generator().manual_seed(1))
+            assert abs(float(r.x.std() - ref.std())) < 0.1
+            continue
+        with pytest.raises(ValueError, match="cannot sample .* soundly"):
+            sample(lambda x, t: calls.append(1) or score(x, t), sde, (16, 2), method=method)
+    assert not calls  # refused before any score call
+
+
+def test_the_paper_schedules_are_accepted_by_every_fast_sampler():
+    from scoresde.samplers.fast import check_schedule
+    from scoresde.sde import SubVPSDE, VESDE, VPSDE
+
+    for dtype in (torch.float32, torch.float64):
+        for sde in (VPSDE(), VPSDE(schedule="cosine"), SubVPSDE()):
+            for method in ("ddim", "dpm_solver", "heun"):
+                check_schedule(sde, method, dtype)
+        check_schedule(VESDE(), "heun", dtype)
+        check_schedule(VESDE(sigma_max=1348.0), "heun", dtype)
+
+
+def test_a_schedule_that_never_reaches_its_prior_warns():
+    """Before: VPSDE(beta_min=1e-12, beta_max=2e-12) sampled from N(0, I) without a word."""
+    from scoresde.sde import SubVPSDE, VESDE, VPSDE
+
+    with pytest.warns(UserWarning, match="far from the prior"):
+        sde = VPSDE(beta_min=1e-12, beta_max=2e-12)
+    assert sde.prior_kl_per_dim() > 10
+    with pytest.warns(UserWarning, match="far from the prior"):
+        VESDE(sigma_min=0.01, sigma_max=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for sde in (VPSDE(), SubVPSDE(), VESDE(), VPSDE(schedule="cosine")):
+            assert sde.prior_kl_per_dim() < 1e-3
+
+
+def test_the_train_app_refuses_an_unsafe_sampler_before_training(tmp_path, capsys):
+    line = fails_with_one_line(train_main, TINY + ["sde.beta_max=999", "sampler=dpm_solver", f"hydra.run.dir={tmp_path / 'r'}"], capsys)
+    assert "cannot sample" in line and not (tmp_path / "r").exists()
