@@ -201,7 +201,7 @@ def nll_on_split(run, ds, eval_opts: EvalOptions, seed: int, device, dtype, prog
         res = evaluate_bpd(run.score_fn, run.sde, ds.x.to(device), levels=ds.levels, centered=run.data.centered,
                            batch_size=eval_opts.batch_size, generator=g, dtype=dtype, device=device, progress=progress, **kw)
         return {"bpd": float(res.mean), "bpd_stderr": float(res.stderr), "n": int(res.bpd.numel()), "nfe": int(res.nfe),
-                "seconds": time.perf_counter() - t0}
+                "bpd_median": float(res.bpd.median()), "bpd_max": float(res.bpd.max()), "seconds": time.perf_counter() - t0}
     x_all = ds.x.to(device=device, dtype=dtype)
     D = x_all[0].numel()
     vals, nfe = [], 0
