@@ -88,7 +88,7 @@ def sample_ode(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[Noi
       (the paper's setting; its RMS error norm is over the whole batch).
 
     ``eps=None``: ``default_eps(sde)``; ``denoise``: Tweedie's denoising at ``eps`` afterwards (off by default).
-    ``noise`` and ``progress`` are unused (deterministic, no progress bar). Returns ``x_0`` (shape of ``x``) and
+    ``noise`` is unused (deterministic); ``progress`` shows a bar of the integrated time ``T - t``. Returns ``x_0`` (shape of ``x``) and
     ``info`` (``steps``, ``eps``, ``ode_method``, the tolerances and ``error_norm`` used, ``scipy_nfev``).
     """
     eps = end_time(sde, eps)
@@ -98,6 +98,41 @@ def sample_ode(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[Noi
     else:
         ts = torch.linspace(float(sde.T), eps, trajectory_points if callback is not None else 2, dtype=torch.float64)
     F = probability_flow_drift(score_fn, sde, eps)
+    bar = None
+    if progress:  # a bar of integrated time (T - t), for the fixed grid and the adaptive solvers alike
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=float(sde.T) - eps, desc=f"ode ({ode_method})", unit="t", leave=False,
+                   bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} [{elapsed}<{remaining}]")
+        F = _with_progress(F, bar, float(sde.T))
+    try:
+        xs, info = _solve(F, x, ts, sde, steps, eps, ode_method, rtol, atol, error_norm)
+    finally:
+        if bar is not None:
+            bar.close()
+    if callback is not None:
+        for xi, ti in zip(xs[1:], ts.tolist()[1:]):
+            callback(xi, ti)
+    x = xs[-1]
+    if denoise:
+        x = final_denoise(score_fn, sde, x, eps, callback)
+    return x, info
+
+
+def _with_progress(F, bar, T: float):
+    """``F`` that also moves ``bar`` to the integrated time ``T - t`` of its latest call (values unchanged)."""
+
+    def G(t, x):
+        done = T - float(t)
+        if done > bar.n:
+            bar.update(done - bar.n)
+        return F(t, x)
+
+    return G
+
+
+def _solve(F, x, ts, sde, steps, eps, ode_method, rtol, atol, error_norm):
+    """The states ``xs`` ``(len(ts), *x.shape)`` of the PF-ODE at ``ts`` and the solver's ``info``."""
     info = {"steps": steps, "eps": eps, "ode_method": ode_method}
     if ode_method not in FIXED_ODE_METHODS:
         info.update(rtol=rtol, atol=atol, error_norm="batch" if ode_method == "scipy_rk45" else error_norm)
@@ -126,10 +161,4 @@ def sample_ode(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[Noi
             xs = odeint(F, x, tt, method=ode_method)
         else:
             xs = odeint(F, x, tt, rtol=rtol, atol=atol, method=ode_method, options=odeint_options(x.shape[0], tt[-1:], error_norm))
-    if callback is not None:
-        for xi, ti in zip(xs[1:], ts.tolist()[1:]):
-            callback(xi, ti)
-    x = xs[-1]
-    if denoise:
-        x = final_denoise(score_fn, sde, x, eps, callback)
-    return x, info
+    return xs, info
