@@ -226,3 +226,13 @@ def test_bad_options_raise_before_any_work(kw, match):
     with pytest.raises(ValueError, match=match):
         sample(sf, make_sde("vp"), (4, 2), **kw)
     assert calls == []
+
+
+def test_adaptive_stops_on_a_non_finite_score():
+    sde = VPSDE()
+
+    def bad(x, t):
+        return torch.full_like(x, float("nan"))
+
+    with pytest.raises(RuntimeError, match="non-finite"):
+        sample(bad, sde, (4, 2), method="dpm_solver_adaptive", dtype=F64)

@@ -227,6 +227,8 @@ def sample_dpm_solver_adaptive(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noi
         x_high, x_low = _singlestep(pred, sde, x, s, t, order, pred(x, s), prediction, lower=True)
         delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x.abs()), min=atol)
         E = float(((x_high - x_low) / delta).pow(2).reshape(x.shape[0], -1).mean(1).sqrt().max())
+        if not math.isfinite(E):
+            raise RuntimeError(f"dpm_solver_adaptive: non-finite error estimate at t = {s:.6g} (the score returned inf/nan)")
         if E <= 1.0:
             x, s, lam_s = x_high, t, log_snr(sde, t) if t != eps else lam_end
             accepted += 1
@@ -235,6 +237,8 @@ def sample_dpm_solver_adaptive(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noi
         else:
             rejected += 1
         h = theta * h * max(E, 1e-16) ** (-1.0 / order)
+        if h < 1e-10:
+            raise RuntimeError(f"dpm_solver_adaptive: step size underflow at t = {s:.6g} (h = {h:.3g} in log-SNR); loosen rtol/atol")
     if denoise:
         x = final_denoise(score_fn, sde, x, eps, callback)
     return x, {"eps": eps, "accepted": accepted, "rejected": rejected}
