@@ -457,3 +457,85 @@ def test_the_ode_sampler_shows_progress_and_the_samples_do_not_change(ode_method
     shown = sample(score, sde, (8, 2), progress=True, **kw).x
     assert f"ode ({ode_method})" in capsys.readouterr().err
     assert torch.equal(quiet, shown)
+
+
+# ------------------------------------------------------------------------------------------------- slow: real processes
+def _cli(args, cwd) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, "-m", "scoresde.cli", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_trainings_into_one_directory_one_is_refused_and_a_killed_owner_leaves_a_stale_lock(tmp_path):
+    """Before: both exited 0; config.yaml said seed 7, the checkpoint seed 8, metrics.jsonl interleaved."""
+    d = tmp_path / "run"
+    args = TINY + ["train.n_steps=100000", "train.checkpoint_every=50", f"hydra.run.dir={d}"]
+    first = _cli(args + ["seed=7"], tmp_path)
+    try:
+        _wait_for(d / "checkpoint.pt", first)
+        second = _cli(args + ["seed=7"], tmp_path)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2 and f"in use by process {first.pid}" in err, err[-2000:]
+        assert len([ln for ln in err.splitlines() if ln.strip()]) == 1
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (d / LOCK_NAME).exists()  # the killed owner's lock: stale now
+    n = int(torch.load(d / "checkpoint.pt", weights_only=True)["step"]) + 10
+    third = _cli(TINY + ["seed=7", f"train.n_steps={n}", "train.checkpoint_every=50", f"hydra.run.dir={d}"], tmp_path)
+    out, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err[-2000:]
+    assert "stale lock" in out + err and not (d / LOCK_NAME).exists()
+    m = metrics(d)
+    assert m["config"]["seed"] == 7 and m["train"]["steps"] == n
+
+
+def _final_state(d: Path) -> dict:
+    s = torch.load(d / "checkpoint.pt", weights_only=True)
+    return {"model": s["model"], "ema": s["ema"]["module"], "step": s["step"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_random_points_then_resume_is_bitwise_exact(tmp_path, seed):
+    """kill -9 at random times (a checkpoint is written every step, so many kills land in a write), rerun the same
+    command until it finishes: the final weights equal an uninterrupted run's bit for bit, and no temporary file
+    or lock is left."""
+    args = TINY + ["train.n_steps=60", "train.checkpoint_every=1", "train.log_every=5"]
+    ref = tmp_path / "ref"
+    p = _cli(args + [f"hydra.run.dir={ref}"], tmp_path)
+    assert p.wait(timeout=300) == 0
+    d = tmp_path / "killed"
+    rng = np.random.default_rng(seed)
+    kills = 0
+    for attempt in range(12):
+        p = _cli(args + [f"hydra.run.dir={d}"], tmp_path)
+        if attempt < 4:
+            _wait_for(d / LOCK_NAME, p)  # started training (imports done, lock taken)
+            time.sleep(float(rng.uniform(0.05, 1.0)))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+            p.wait()
+            continue
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        break
+    assert kills >= 2
+    a, b = _final_state(ref), _final_state(d)
+    assert a["step"] == b["step"] == 60
+    for k in ("model", "ema"):
+        assert a[k].keys() == b[k].keys() and all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
+    assert not list(d.glob("*.tmp")) and not list(d.glob(".*.tmp")) and not (d / LOCK_NAME).exists()
+    steps = [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(ln)["step"] for ln in (ref / "metrics.jsonl").read_text().splitlines()]
