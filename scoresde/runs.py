@@ -857,6 +857,8 @@ def _evaluate_saved_run(c, outdir, progress: Optional[bool], sampler: Optional[d
         run = load_run(c.ckpt, device, dtype, use_ema=c.eval.use_ema)
     if c.data is not None:
         run = dataclasses.replace(run, data=c.data)
+    if sampler is not None and c.score_sde_ckpt is not None:
+        sampler = _score_sde_sampling_eps(sampler, c.score_sde_config)
     if sampler is not None:
         opts = {k: v for k, v in sampler.items() if k != "method"}
         check_sample_options(run.sde, sampler["method"], **opts)
@@ -870,6 +872,18 @@ def _evaluate_saved_run(c, outdir, progress: Optional[bool], sampler: Optional[d
     print_summary(metrics)
     log.info("output directory: %s", outdir)
     return metrics
+
+
+def _score_sde_sampling_eps(sampler: dict, config) -> dict:
+    """The score_sde config's ``sampling.sampling_eps`` as the sampler's ``eps`` unless ``sampler.eps`` is given
+    (score_sde samples down to it; ignoring it silently sampled to another end time)."""
+    from .interop.score_sde import load_config
+
+    eps = (load_config(config).get("sampling") or {}).get("sampling_eps")
+    if eps is None or sampler.get("eps") is not None:
+        return sampler
+    log.info("sampler.eps = %g: the score_sde config's sampling.sampling_eps", eps)
+    return {**sampler, "eps": float(eps)}
 
 
 def run_sample(c, outdir, progress: Optional[bool] = None) -> dict:

@@ -539,3 +539,31 @@ def test_kill_9_at_random_points_then_resume_is_bitwise_exact(tmp_path, seed):
     assert not list(d.glob("*.tmp")) and not list(d.glob(".*.tmp")) and not (d / LOCK_NAME).exists()
     steps = [json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()]
     assert steps == [json.loads(ln)["step"] for ln in (ref / "metrics.jsonl").read_text().splitlines()]
+
+
+FIXTURES = Path(os.environ.get("SCORESDE_FIXTURES") or ROOT.parent / "shared" / "fixtures" / "score_sde")
+
+
+@pytest.mark.skipif(not (FIXTURES / "ddpmpp_vp.pth").is_file(), reason="score_sde reference fixtures not found")
+def test_score_sde_sampling_eps_is_applied_by_scoresde_sample(tmp_path):
+    """Before: ``sampling.sampling_eps`` of a score_sde config was silently ignored by ``scoresde-sample``."""
+    c = torch.load(FIXTURES / "ddpmpp_vp.golden.pt", weights_only=False)["config"]
+    model = {k: v for k, v in c.items() if k not in ("image_size", "num_channels", "sde", "continuous")}
+    data = dict(dataset="CIFAR10", image_size=c["image_size"], num_channels=c["num_channels"], centered=True)
+    imgs = tmp_path / "imgs.npz"
+    np.savez(imgs, x=np.random.default_rng(0).integers(0, 256, size=(8, 3, 16, 16)).astype(np.uint8))
+
+    def run(name, sampling, extra):
+        cfg = tmp_path / f"{name}.py"
+        cfg.write_text("import ml_collections\n\n\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
+                       f"    c.model = {model!r}\n    c.data = {data!r}\n    c.sampling = {sampling!r}\n"
+                       f"    c.training = {dict(sde=c['sde'], continuous=c['continuous'])!r}\n    return c\n")
+        sample_main([f"score_sde_ckpt={FIXTURES / 'ddpmpp_vp.pth'}", f"score_sde_config={cfg}", "sampler=ddim",
+                     "sampler.steps=2", "eval.n_samples=2", "eval.batch_size=2", "eval.fd=false", "+data=tensor_file",
+                     f"data.path={imgs}", "data.tensor_file.levels=256", "progress=false", *extra, f"hydra.run.dir={tmp_path / name}"])
+        return torch.load(tmp_path / name / "samples.pt")
+
+    from_config = run("cfg", {"sampling_eps": 0.3}, [])
+    given = run("given", {}, ["sampler.eps=0.3"])
+    default = run("default", {}, [])
+    assert torch.equal(from_config, given) and not torch.equal(from_config, default)
