@@ -129,11 +129,13 @@ def test_student_rejects_ve_and_bad_parameterisation():
 
 
 @pytest.mark.slow
-def test_two_step_student_at_the_noise_floor(tmp_path):
-    """Issue 15's goal on the 2-D mixture (teacher = the exact oracle score): a 2-step student at the floor (z < 5)."""
-    recs = run_distill(DistillOptions(start_steps=64, final_steps=2, hidden=128, depth=3, n_steps=3000, n_data=20000,
+def test_one_and_two_step_students_at_the_noise_floor(tmp_path):
+    """Issue 15's goal on the 2-D mixture (teacher = the exact oracle score): students at the floor with <= 2 steps
+    (measured z = -1.2 at 1 and 2 steps with these settings, experiments/results/few_step.md; about 8 minutes)."""
+    recs = run_distill(DistillOptions(start_steps=64, final_steps=1, hidden=128, depth=3, n_steps=1500, n_data=50_000,
                                       workdir=str(tmp_path), progress=False))
-    assert recs[-1]["steps"] == 2 and recs[-1]["z"] < 5, recs
+    by_steps = {r["steps"]: r["z"] for r in recs}
+    assert by_steps[2] < 5 and by_steps[1] < 5, recs
 
 
 def test_config_file_is_the_options_defaults():
