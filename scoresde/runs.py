@@ -863,6 +863,7 @@ def _evaluate_saved_run(c, outdir, progress: Optional[bool], sampler: Optional[d
         opts = {k: v for k, v in sampler.items() if k != "method"}
         check_sample_options(run.sde, sampler["method"], **opts)
     outdir.mkdir(parents=True, exist_ok=True)
+    log.info("output directory: %s", outdir)  # said first too: sampling and likelihoods can take long
     if c.config:
         _write_config(c.config, outdir)
     metrics = {"config": c.config, "run": str(run.run_dir), "checkpoint": str(run.checkpoint) if run.checkpoint else None}

@@ -567,3 +567,10 @@ def test_score_sde_sampling_eps_is_applied_by_scoresde_sample(tmp_path):
     given = run("given", {}, ["sampler.eps=0.3"])
     default = run("default", {}, [])
     assert torch.equal(from_config, given) and not torch.equal(from_config, default)
+
+
+def test_sample_says_where_its_output_goes_before_and_after(finished, tmp_path, capsys):
+    out = tmp_path / "s"
+    sample_main(SAMPLE + [f"ckpt={finished}", f"hydra.run.dir={out}"])
+    log = (out / "cli.log").read_text()
+    assert log.count(f"output directory: {out}") == 2
