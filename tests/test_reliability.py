@@ -574,3 +574,42 @@ def test_sample_says_where_its_output_goes_before_and_after(finished, tmp_path, 
     sample_main(SAMPLE + [f"ckpt={finished}", f"hydra.run.dir={out}"])
     log = (out / "cli.log").read_text()
     assert log.count(f"output directory: {out}") == 2
+
+
+_KILL_IN_WRITE = """
+import os, signal, sys, torch
+real, calls, K = torch.save, [0], int(sys.argv[1])
+def save(obj, f, *a, **kw):  # the K-th checkpoint write dies half-way: a torn temporary file is left behind
+    calls[0] += 1
+    if calls[0] == K:
+        real(obj, f, *a, **kw)
+        f.flush()
+        f.truncate(f.tell() // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(obj, f, *a, **kw)
+torch.save = save
+from scoresde.cli import train_main
+train_main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_inside_a_checkpoint_write_leaves_the_old_checkpoint_and_resumes_bitwise(tmp_path):
+    args = TINY + ["train.n_steps=40", "train.checkpoint_every=1", "train.log_every=5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref, d = tmp_path / "ref", tmp_path / "killed"
+    assert subprocess.run([sys.executable, "-m", "scoresde.cli", "train", *args, f"hydra.run.dir={ref}"], cwd=tmp_path,
+                          env=env, capture_output=True).returncode == 0
+    p = subprocess.run([sys.executable, "-c", _KILL_IN_WRITE, "17", *args, f"hydra.run.dir={d}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    torn = list(d.glob(".checkpoint.pt.*.tmp"))
+    assert len(torn) == 1 and torn[0].stat().st_size > 0
+    assert torch.load(d / "checkpoint.pt", weights_only=True)["step"] == 16  # the previous write, intact
+    p = subprocess.run([sys.executable, "-m", "scoresde.cli", "train", *args, f"hydra.run.dir={d}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "left by an interrupted write" in p.stdout + p.stderr and not torn[0].exists()
+    a, b = _final_state(ref), _final_state(d)
+    for k in ("model", "ema"):
+        assert all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
