@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -16,7 +17,8 @@ from typing import Any, Dict, List, Optional
 from . import build
 from .evaluate import evaluate_run, print_summary
 from .plots import plot_compare
-from .runs import METRICS_NAME, RunConfig, RunOptions, _setup, _write_config, load_run, train_model, write_json
+from .runs import (METRICS_NAME, RunConfig, RunLock, RunOptions, _last_logged_loss, _setup, _write_config, check_run_dir, load_run,
+                   remove_orphans, train_model, write_json)
 from .train import TrainOptions
 
 __all__ = ["VARIANTS", "VARIANT_SDE", "CompareOptions", "CompareConfig", "variant_config", "samplers_for", "run_compare"]
@@ -115,12 +117,22 @@ def run_compare(c: CompareConfig, outdir, progress: Optional[bool] = None) -> di
     accept it); an interrupted comparison resumes from the variants' checkpoints.
     """
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     progress = c.progress if progress is None else progress
     device, dtype = _setup(c)
+    variants = {v: variant_config(c, v) for v in c.compare.variants}
+    with RunLock(outdir):  # one writer; each variant directory must hold its own run (checked before any write)
+        for v, tc in variants.items():
+            check_run_dir(tc, outdir / v)
+        remove_orphans(outdir)
+        for v in variants:
+            if (outdir / v).is_dir():
+                remove_orphans(outdir / v)
+        return _run_variants(c, variants, outdir, device, dtype, progress)
+
+
+def _run_variants(c: CompareConfig, variants: dict, outdir: Path, device, dtype, progress: bool) -> dict:
     if c.config:
         _write_config(c.config, outdir)
-    variants = {v: variant_config(c, v) for v in c.compare.variants}
     plans = {v: samplers_for(c, v) for v in c.compare.variants}
     all_metrics: dict = {"config": c.config, "variants": {}}
     rows = []
@@ -130,7 +142,10 @@ def run_compare(c: CompareConfig, outdir, progress: Optional[bool] = None) -> di
         log.info("=== variant %s", v)
         result, secs = train_model(tc, vdir, device, dtype, progress)
         run = load_run(str(vdir), device, dtype, use_ema=c.eval.use_ema)
-        m: dict = {"train": {"steps": int(result.step), "final_loss": float(result.loss), "seconds": secs}, "samplers": {}}
+        loss = float(result.loss)
+        if not result.history and not math.isfinite(loss):  # resumed at its last step: the loss it logged then
+            loss = _last_logged_loss(vdir / "metrics.jsonl")
+        m: dict = {"train": {"steps": int(result.step), "final_loss": loss, "seconds": secs}, "samplers": {}}
         for label, s in plans[v].items():
             if s is None:
                 m["samplers"][label] = None

@@ -613,3 +613,18 @@ def test_kill_9_inside_a_checkpoint_write_leaves_the_old_checkpoint_and_resumes_
     a, b = _final_state(ref), _final_state(d)
     for k in ("model", "ema"):
         assert all(torch.equal(a[k][n], b[k][n]) for n in a[k]), k
+
+
+def test_compare_refuses_a_variant_directory_of_another_run(tmp_path, capsys):
+    from scoresde.cli import compare_main
+
+    d = tmp_path / "cmp"
+    args = ["experiment=ddpm_vs_sde", "train=tiny", "eval=tiny", "progress=false", "model=mlp", "model.hidden=16", "model.depth=1", "data.n_train=200",
+            "data.n_eval=40", "eval.nll=false", "eval.n_samples=8", "eval.batch_size=8", "compare.variants=[ddpm]",
+            "compare.elbo=false", "compare.nll=false", f"hydra.run.dir={d}"]
+    (d / "ddpm").mkdir(parents=True)
+    train_main(TINY + ["data=moons", f"hydra.run.dir={d / 'ddpm'}"])  # another run where the variant would train
+    before = tree_hash(d / "ddpm")
+    line = fails_with_one_line(compare_main, args, capsys)
+    assert "holds another run: data.name was 'moons', now 'digits'" in line
+    assert tree_hash(d / "ddpm") == before and not (d / LOCK_NAME).exists()
