@@ -130,6 +130,18 @@ def test_cli_trains_the_conditioned_augmentation_and_refuses_it_without_augmenta
     assert math.isfinite(m["train"]["final_loss"]) and m["samples"]["nonfinite"] == 0
     model, _ = load(run)
     assert model.net.aug_cond and model._net_kwargs == {}
+    # scoresde-sample exports the samples for external FID tools: a folder of PNGs and a uint8 .npz
+    from scoresde.cli import sample_main
+
+    out = tmp_path / "exported"
+    sample_main([f"ckpt={run}", "eval=tiny", "eval.nll=false", "eval.n_samples=5", "eval.export_png=true",
+                 "eval.export_npz=true", "progress=false", f"hydra.run.dir={out}"])
+    s = json.loads((out / "metrics.json").read_text())["samples"]
+    assert s["png_dir"] == "samples_png" and len(list((out / "samples_png").glob("*.png"))) == 5
+    import numpy as np
+
+    with np.load(out / "samples.npz") as f:
+        assert f["arr_0"].shape == (5, 8, 8, 1) and f["arr_0"].dtype == np.uint8
 
 
 def test_prepare_leaves_the_augmentation_to_the_conditioned_loss():
