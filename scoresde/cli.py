@@ -131,8 +131,8 @@ def precheck(config_name: str, argv: list) -> None:
                     C.check_sampler_against_run(obj)
                 if i == 0:
                     _check_writable(_override(job, "hydra.sweep.dir" if multirun else "hydra.run.dir"))
-                if config_name == "train" and not multirun:
-                    _check_train_dir(C.to_run(obj), job)
+                if config_name == "train":
+                    _check_train_dir(C.to_run(obj), _job_dir(job, i, multirun))
             except USER_ERRORS as e:
                 if where and not _debug():
                     _fail(f"{'Config error' if isinstance(e, C.ConfigError) else 'Error'}{where}: {_one_line(e)}")
@@ -168,11 +168,19 @@ def _check_writable(d: Optional[Path]) -> None:
                 pass
 
 
-def _check_train_dir(c, overrides: list) -> None:
-    """``scoresde-train`` into an explicit ``hydra.run.dir``: the directory's run and lock, read only."""
+def _job_dir(overrides: list, num: int, multirun: bool) -> Optional[Path]:
+    """The run directory of a job when the command names it: ``hydra.run.dir``, or ``hydra.sweep.dir/<job number>``
+    (Hydra's default ``subdir``) in a sweep; else ``None`` (a fresh time-stamped directory)."""
+    if not multirun:
+        return _override(overrides, "hydra.run.dir")
+    sweep = _override(overrides, "hydra.sweep.dir")
+    return sweep / str(num) if sweep is not None and _override(overrides, "hydra.sweep.subdir") is None else None
+
+
+def _check_train_dir(c, run_dir: Optional[Path]) -> None:
+    """``scoresde-train`` into an existing directory: the directory's run and lock, read only."""
     from .runs import RunLock, check_run_dir
 
-    run_dir = _override(overrides, "hydra.run.dir")
     if run_dir is None or not run_dir.is_dir():
         return
     RunLock(run_dir).check()

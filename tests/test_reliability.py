@@ -628,3 +628,12 @@ def test_compare_refuses_a_variant_directory_of_another_run(tmp_path, capsys):
     line = fails_with_one_line(compare_main, args, capsys)
     assert "holds another run: data.name was 'moons', now 'digits'" in line
     assert tree_hash(d / "ddpm") == before and not (d / LOCK_NAME).exists()
+
+
+def test_a_sweep_into_a_sweep_directory_of_other_runs_fails_before_the_first_job(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    train_main(["-m"] + TINY + ["seed=1,2", f"hydra.sweep.dir={sweep}"])
+    before = tree_hash(sweep)
+    line = fails_with_one_line(train_main, ["-m"] + TINY + ["seed=1,3", f"hydra.sweep.dir={sweep}"], capsys)
+    assert "(job 1: seed=3)" in line and "seed was 2, now 3" in line
+    assert tree_hash(sweep) == before
