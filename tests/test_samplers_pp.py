@@ -39,7 +39,13 @@ CONVERGENCE = [
 ]
 
 
-@pytest.mark.parametrize("method,kw,steps,order", CONVERGENCE, ids=[f"{c[0]}-{c[1]}" for c in CONVERGENCE])
+# the longest cases (many steps, 3 calls a step) run with the slow suite; order 1 is also DDIM (tested exactly below)
+_SLOW_CONVERGENCE = {("dpm_solver_pp", "{'order': 1}"), ("dpm_solver_pp", "{'order': 3, 'multistep': False}")}
+_CONV = [pytest.param(*c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.slow] if (c[0], str(c[1])) in _SLOW_CONVERGENCE else [])
+         for c in CONVERGENCE]
+
+
+@pytest.mark.parametrize("method,kw,steps,order", _CONV)
 def test_convergence_order(method, kw, steps, order):
     for name in ALL_SDES:
         sde, sf, xT, ref = pf_reference(name)
@@ -59,8 +65,9 @@ def test_unipc3_beats_third_order():
         assert all(e < p for e, p in zip(errs, pp)), f"{name}: UniPC-3 {errs} vs DPM-Solver++(3M) {pp}"
 
 
-@pytest.mark.parametrize("prediction", ["noise", "data"])
-@pytest.mark.parametrize("order", [pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.parametrize("order,prediction", [(3, "noise"), pytest.param(3, "data", marks=pytest.mark.slow),
+                                              pytest.param(2, "noise", marks=pytest.mark.slow),
+                                              pytest.param(2, "data", marks=pytest.mark.slow)])
 def test_adaptive_error_follows_the_tolerance(order, prediction):
     """Global error within a few tolerances of the PF-ODE solution; a tighter tolerance costs more calls."""
     for name in ALL_SDES:
@@ -141,7 +148,7 @@ FLOOR_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("sde_name", ALL_SDES)
+@pytest.mark.parametrize("sde_name", ["vp", pytest.param("subvp", marks=pytest.mark.slow), "ve"])
 @pytest.mark.parametrize("method,kw", FLOOR_CONFIGS, ids=[m + "-" + "-".join(f"{k}={v}" for k, v in kw.items()) for m, kw in FLOOR_CONFIGS])
 def test_reach_noise_floor(sde_name, method, kw):
     assert_at_noise_floor(draw(sde_name, 2, method, **kw).x, 2, f"{sde_name} {method} {kw}")
