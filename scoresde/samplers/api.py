@@ -225,7 +225,8 @@ def sample(score_fn, sde: SDE, shape, method: str = "pc", steps: int | None = No
             dpm_solver_pp: as dpm_solver plus ``thresholding``, ``threshold_ratio``, ``threshold_max``;
             dpm_solver_adaptive: ``order`` (2: DPM-Solver-12, 3: -23), ``rtol``, ``atol``, ``h_init``, ``theta``,
             ``prediction`` (noise | data), ``steps`` None; unipc: ``schedule``, ``rho``, ``order`` (1, 2, 3), ``variant``
-            (bh1 | bh2), ``corrector``, ``lower_order_final``; edm: ``schedule``, ``rho``, ``S_churn``, ``S_tmin``,
+            (bh1 | bh2), ``corrector``, ``lower_order_final``, ``prediction`` (data | noise); edm: ``schedule``, ``rho``,
+            ``S_churn``, ``S_tmin``,
             ``S_tmax``, ``S_noise``.
 
     Returns:
