@@ -243,3 +243,19 @@ def test_adaptive_stops_on_a_non_finite_score():
 
     with pytest.raises(RuntimeError, match="non-finite"):
         sample(bad, sde, (4, 2), method="dpm_solver_adaptive", dtype=F64)
+
+
+@pytest.mark.parametrize("sde_name", ALL_SDES)
+@pytest.mark.parametrize("method,kw", [
+    ("dpm_solver_pp", {"order": 3}), ("dpm_solver_pp", {"order": 2, "multistep": False, "thresholding": True, "denoise": True}),
+    ("unipc", {}), ("unipc", {"prediction": "noise", "variant": "bh2"}), ("edm", {"S_churn": 10.0}),
+    ("dpm_solver_adaptive", {"rtol": 0.1, "atol": 0.1}),
+])
+def test_image_shaped_float32_few_steps_finite(sde_name, method, kw):
+    from scoresde.data import default_gmm
+
+    sde = make_sde(sde_name)
+    steps = {} if method == "dpm_solver_adaptive" else {"steps": 4}
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    r = sample(default_gmm(64).score_fn(sde), sde, (3, 1, 8, 8), method=method, generator=gens, dtype=torch.float32, **steps, **kw)
+    assert r.x.shape == (3, 1, 8, 8) and r.x.dtype == torch.float32 and torch.isfinite(r.x).all()
