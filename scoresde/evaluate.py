@@ -23,6 +23,7 @@ __all__ = ["EvalOptions", "SPLITS", "draw_samples", "sample_quality", "image_qua
 log = logging.getLogger("scoresde")
 
 SPLITS = ("train", "val", "test")
+FEATURE_DATASETS = ("digits", "mnist", "cifar10")  # the image sets with a feature classifier (scoresde.features)
 
 
 @dataclass
@@ -32,8 +33,8 @@ class EvalOptions:
     ``n_samples`` samples drawn in batches of ``batch_size``; ``quality``: MMD² / sliced Wasserstein to the test
     split; ``nll``: PF-ODE bits/dim on each of ``splits`` with the solver options ``divergence``, ``probes``,
     ``rtol``, ``atol``, ``eps`` (``scoresde.log_likelihood``); ``elbo``: the DDPM ELBO (VP models on discrete data;
-    ``elbo_terms=None`` sums all N terms); ``use_ema``: evaluate the EMA weights. ``fd``: for image data, also the
-    Fréchet distance of the samples to the test split on the features of a small classifier trained on the same
+    ``elbo_terms=None`` sums all N terms); ``use_ema``: evaluate the EMA weights. ``fd``: for images of the digits, MNIST
+    or CIFAR-10 (``FEATURE_DATASETS``; other data are skipped), also the Fréchet distance of the samples to the test split on the features of a small classifier trained on the same
     data set (``scoresde.features``; cached in ``feature_cache``, default ``features.default_cache_dir()``), with
     the same distance between as many training images and the test split as its floor, and k-NN precision /
     recall (Kynkäänniemi et al. 2019, ``pr_k`` neighbours) on the same features, with their floor likewise.
@@ -156,9 +157,15 @@ def image_quality(samples: torch.Tensor, test, data, eval_opts: EvalOptions, see
     from .metrics import frechet_distance, precision_recall
     from .runs import load_split
 
-    ext = FeatureExtractor.load_or_train(data.name, cache_dir=eval_opts.feature_cache, root=data.root, seed=0, device=device)
     x = samples[torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)].to(device=device, dtype=torch.float32)
-    out = {"fd_classifier_test_accuracy": ext.test_accuracy}
+    out: dict = {}
+    if eval_opts.fid_stats is not None and x.shape[0] >= 2:
+        inception = InceptionFeatures(eval_opts.inception_weights, centered=data.centered, device=device)
+        out["fid"] = frechet_distance_to_stats(x, eval_opts.fid_stats, inception)
+    if data.name not in FEATURE_DATASETS:  # the user's own images: no classifier to take features from
+        return out
+    ext = FeatureExtractor.load_or_train(data.name, cache_dir=eval_opts.feature_cache, root=data.root, seed=0, device=device)
+    out["fd_classifier_test_accuracy"] = ext.test_accuracy
     if x.shape[0] < 2:
         return out
     train = load_split(data, "train", seed=seed)
@@ -172,9 +179,6 @@ def image_quality(samples: torch.Tensor, test, data, eval_opts: EvalOptions, see
         pr, pr0 = precision_recall(f_test, f_x, k), precision_recall(f_test, f_train, k)
         out.update(precision=pr["precision"], recall=pr["recall"], precision_floor=pr0["precision"],
                    recall_floor=pr0["recall"], pr_k=k)
-    if eval_opts.fid_stats is not None:
-        inception = InceptionFeatures(eval_opts.inception_weights, centered=data.centered, device=device)
-        out["fid"] = frechet_distance_to_stats(x, eval_opts.fid_stats, inception)
     return out
 
 
@@ -207,7 +211,7 @@ def nll_on_split(run, ds, eval_opts: EvalOptions, seed: int, device, dtype, prog
     vals, nfe = [], 0
     for start in range(0, x_all.shape[0], eval_opts.batch_size):
         x = x_all[start: start + eval_opts.batch_size]
-        res = log_likelihood(run.score_fn, run.sde, x, generator=g, **kw)
+        res = log_likelihood(run.score_fn, run.sde, x, generator=g, progress=progress, **kw)
         vals.append((-res.logp / D).detach().double().cpu())
         nfe += int(res.nfe)
     v = torch.cat(vals)
@@ -256,7 +260,7 @@ def evaluate_run(run, sampler: Optional[dict], eval_opts: EvalOptions, outdir: P
         ref = reference_samples(test, data, seed=stream_seed(seed, 4), dtype=torch.float64, device="cpu")
         if eval_opts.quality:
             s.update(sample_quality(x, ref, seed=stream_seed(seed, 5)))
-        if eval_opts.fd and x.dim() == 4:
+        if eval_opts.fd and x.dim() == 4 and (data.name in FEATURE_DATASETS or eval_opts.fid_stats is not None):
             s.update(image_quality(x, test, data, eval_opts, seed=run.seed, device=device))
         fig = outdir / (f"samples_{label}.png" if label else SAMPLES_NAME)
         save_sample_figure(x, fig, data.centered, reference=ref if x.dim() == 2 else None,
