@@ -51,6 +51,7 @@ from scoresde.export import export_onnx, onnx_session, quantize_onnx
 from scoresde.likelihood import evaluate_bpd
 from scoresde.runs import load_run, load_split, stream_seed
 
+VERSIONS = ("torch fp32", "onnx fp32", "onnx int8")
 SAMPLER = dict(method="dpm_solver", steps=20, order=3, multistep=True, schedule="logSNR", lower_order_final=True)
 BPD = dict(divergence="hutchinson", probes=1, rtol=1e-5, atol=1e-5, eps=1e-5)
 
@@ -146,6 +147,12 @@ def main(argv=None):
     ap.add_argument("--elbo-terms", type=int, default=100)
     ap.add_argument("--ode-n", type=int, default=100, help="test images for the PF-ODE bits/dim")
     ap.add_argument("--skip-ode", action="store_true", help="leave out the PF-ODE bits/dim")
+    ap.add_argument("--versions", nargs="+", default=list(VERSIONS), choices=VERSIONS, help="versions to measure")
+    ap.add_argument("--ode-versions", nargs="+", default=list(VERSIONS), choices=VERSIONS,
+                    help="versions that get the PF-ODE bits/dim")
+    ap.add_argument("--rows", default=None, help="a JSON-lines file of rows measured before (printed by this script), "
+                                                     "put in front of the new ones in the table")
+    ap.add_argument("--ode-note", default=None, help="a note for the table on versions left out of the PF-ODE")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -163,8 +170,12 @@ def main(argv=None):
         eps_graph = ort_fn(sess["eps"][i])
         ddpm_eps = lambda x, k, f=eps_graph: f(x, model.ddpm_time(k.to(x.device), dtype=x.dtype))
         versions.append((name, ort_fn(sess["score"][i]), ddpm_eps, True))
-    rows = []
+    rows = [json.loads(line) for line in Path(a.rows).read_text().splitlines() if line.strip()] if a.rows else []
+    skip_ode = a.skip_ode
     for name, score_fn, eps_fn, grad_free in versions:
+        if name not in a.versions:
+            continue
+        a.skip_ode = skip_ode or name not in a.ode_versions
         rows.append(evaluate(name, score_fn, eps_fn, run, a, grad_free))
         print(json.dumps(rows[-1]), flush=True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -194,6 +205,8 @@ def table(meta, rows, a) -> str:
                      f"{ref[f'latency_b{a.batch}_s'] / r[f'latency_b{a.batch}_s']:.2f}x | {r.get('fd', float('nan')):.1f} | "
                      f"{r.get('fd_floor', float('nan')):.1f} | {r['elbo_bpd']:.3f} ± {r['elbo_stderr']:.3f} | {bpd} | "
                      f"{r.get('bpd_divergence', '–')} |")
+    if a.ode_note:
+        lines += ["", a.ode_note]
     lines += ["", "Latency: median of one score evaluation (the network plus the score conversion) over "
               f"{a.repeats} calls. FD: DPM-Solver-3, 20 steps, the run's sampling seed; floor: {a.n_samples} training "
               f"images vs the 300 test images. ELBO: DDPM, unbiased stratified estimate from {a.elbo_terms} of the 1000 terms. PF-ODE: Hutchinson 1 probe, rtol = atol = 1e-5, "
