@@ -111,8 +111,9 @@ def test_config_tree_has_the_specified_options():
     assert {"vp", "vp_cosine", "subvp", "ve"} == set(options("sde"))
     assert {"mlp", "mlp_wide", "unet", "unet_tiny", "ddpmpp", "ddpmpp_deep", "oracle"} <= set(options("model"))
     assert {"gmm", "swissroll", "moons", "eight_gaussians", "checkerboard", "digits", "mnist", "cifar10"} <= set(options("data"))
-    assert set(options("sampler")) == {"pc", "langevin", "ode", "ddim", "dpm_solver", "heun", "ancestral"}
-    assert {"quickstart", "ddpm_vs_sde", "cifar10_ddpmpp_vp", "cifar10_ddpmpp_subvp", "cifar10_ddpmpp_deep_vp",
+    assert set(options("sampler")) == {"pc", "langevin", "ode", "ddim", "dpm_solver", "heun", "ancestral",
+                                       "dpm_solver_pp", "unipc", "dpm_solver_adaptive", "edm"}
+    assert {"quickstart", "quickstart_mlp", "ddpm_vs_sde", "cifar10_ddpmpp_vp", "cifar10_ddpmpp_subvp", "cifar10_ddpmpp_deep_vp",
             "cifar10_ncsnpp_ve", "cifar10_ddpm"} <= set(options("experiment"))
     assert (CONFIG_DIR / "__init__.py").is_file()  # importable as a package resource when installed
 
@@ -141,7 +142,8 @@ def test_every_experiment_validates(hydra_ctx, exp):
 
 def test_experiment_presets(hydra_ctx):
     q = C.to_run(C.validate(make("train", ["experiment=quickstart"])))
-    assert (q.data.name, q.sde["name"], q.sampler["method"], q.net["name"]) == ("digits", "vp", "dpm_solver", "convnet")
+    assert (q.data.name, q.sde["name"], q.sampler["method"], q.net["name"]) == ("digits", "vp", "ddim", "convnet")
+    assert q.sampler["eta"] == 1.0 and q.sampler["steps"] == 100
     assert q.train.n_steps == 2500 and q.train.lr_schedule == "cosine" and q.data.noise_mixture_prob == 0
     assert q.eval.n_samples == 300 and q.eval.fd
     old = C.to_run(C.validate(make("train", ["experiment=quickstart_mlp"])))
