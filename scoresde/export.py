@@ -157,7 +157,15 @@ def quantize_onnx(src, dst) -> Path:
     onnx = _need("onnx")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs an advice to pre-process (shape inference) on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
     proto, q = onnx.load(str(src)), onnx.load(str(dst))
     have = {p.key for p in q.metadata_props}
     for p in proto.metadata_props:
