@@ -67,7 +67,8 @@ REG_COVARS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 3e-2)
 
 
 def spec_for(kind: str, hidden: int, depth: int, dropout: float, sigma_max: float, seed: int, time_embedding: str = "fourier",
-             fourier_scale: float = 16.0, parameterization: str = "eps", data: dict | None = None) -> dict:
+             fourier_scale: float = 16.0, parameterization: str = "eps", data: dict | None = None, net: str = "mlp",
+             ch: int = 32) -> dict:
     """The ``scoresde.build`` model spec of one of ``MODELS`` (``build_model(spec)`` builds it; ``seed``: the init seed).
 
     DDPM conditions on the step index ``i`` (sinusoidal embedding, as Ho et al.); the continuous models on
@@ -76,7 +77,9 @@ def spec_for(kind: str, hidden: int, depth: int, dropout: float, sigma_max: floa
     models (``"eps"``: score ``= -net / s``; ``"score"``: score ``= net``, so the score stays bounded as
     ``s -> 0`` and the ε-loss becomes ``|| -s net - z ||^2``); DDPM is always ε. The network is an
     ``MLPScoreNet`` on the flattened digits (per-sample shape ``(64,)``). ``data``: the spec's data entry
-    (``scoresde.runs._data_entry``; default: the digits, centred, ``LEVELS`` levels).
+    (``scoresde.runs._data_entry``; default: the digits, centred, ``LEVELS`` levels). ``net="convnet"``: a
+    ``ConvScoreNet`` of base width ``ch`` on the images ``(1, 8, 8)`` instead (sinusoidal embedding of ``999 t`` or
+    of ``i``; Fourier features of ``log sigma`` for VE; ``hidden``, ``depth`` and ``time_embedding`` unused).
     """
     if kind not in MODELS:
         raise ValueError(f"kind must be one of {MODELS}; got {kind!r}")
@@ -86,10 +89,14 @@ def spec_for(kind: str, hidden: int, depth: int, dropout: float, sigma_max: floa
         sde = SubVPSDE()
     else:
         sde = VESDE(sigma_min=0.01, sigma_max=sigma_max)
-    emb = "sinusoidal" if kind == "ddpm" else time_embedding
-    net_kwargs = dict(hidden=hidden, depth=depth, time_embedding=emb, fourier_scale=fourier_scale, dropout=dropout)
     if data is None:
         data = _data_entry(DataOptions(name="digits", centered=True), LEVELS)
+    if net == "convnet":
+        net_kwargs = dict(ch=ch, dropout=dropout, time_embedding="fourier" if kind == "ve" else "sinusoidal")
+        return model_spec(sde, "convnet", net_kwargs, (1, 8, 8), parameterization="eps" if kind == "ddpm" else parameterization,
+                          continuous=kind != "ddpm", data=data, seed=seed)
+    emb = "sinusoidal" if kind == "ddpm" else time_embedding
+    net_kwargs = dict(hidden=hidden, depth=depth, time_embedding=emb, fourier_scale=fourier_scale, dropout=dropout)
     return model_spec(sde, "mlp", net_kwargs, (64,), parameterization="eps" if kind == "ddpm" else parameterization,
                       continuous=kind != "ddpm", data=data, seed=seed)
 
@@ -120,7 +127,9 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
                                    noise_mixture_std_min=a.aug_std_min, noise_mixture_std_max=a.aug_std_max), LEVELS)
     spec = spec_for(kind, hidden=a.hidden, depth=a.depth, dropout=a.dropout, sigma_max=a.sigma_max, seed=a.seed,
                     time_embedding=a.time_embedding, fourier_scale=a.fourier_scale, parameterization=a.parameterization,
-                    data=data)
+                    data=data, net=a.net, ch=a.ch)
+    if a.net == "convnet":  # the convolutional network sees images
+        tr, va, te = (k.reshape(-1, 1, 8, 8) for k in (tr, va, te))
     model = build_model(spec)  # model.spec: train() stores it in checkpoint.pt and best.pt
     sde = model.sde
     loss_fn = loss_for(kind, sde, a.weighting)
@@ -176,6 +185,7 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
                    ("g^2 + importance sampling" if a.weighting == "likelihood" else "eps-MSE (s^2)")),
                    "parameterization": "eps" if kind == "ddpm" else a.parameterization,
                    "time_embedding": "sinusoidal(i)" if kind == "ddpm" else f"{a.time_embedding}(scale {a.fourier_scale})",
+                   **({"net": "convnet", "ch": a.ch} if a.net == "convnet" else {}),
                    **{k: getattr(a, k) for k in ("hidden", "depth", "dropout", "lr", "warmup", "lr_schedule", "ema", "weight_decay", "batch",
                                                   "eval_every", "patience", "aug_prob", "aug_std_min", "aug_std_max")}},
         "val_curve": _val_curve(root / kind),
@@ -342,6 +352,8 @@ def main(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--net", default="mlp", choices=("mlp", "convnet"), help="MLPScoreNet on vectors or ConvScoreNet on images")
+    p.add_argument("--ch", type=int, default=32, help="ConvScoreNet base width (--net convnet)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--time-embedding", default="fourier", choices=("fourier", "sinusoidal"), help="continuous models")
