@@ -1,4 +1,5 @@
-"""Command-line entry points: ``scoresde-train``, ``-sample``, ``-nll``, ``-compare`` (Hydra apps) and ``-report``.
+"""Command-line entry points: ``scoresde-train``, ``-sample``, ``-nll``, ``-compare``, ``-export``, ``-distill`` (Hydra
+apps) and ``-report``.
 
 Each Hydra app composes its config from ``scoresde/configs`` (schemas: ``scoresde.config``), validates it
 before any work, turns it into plain objects (``config.to_run``) and hands them to the library
@@ -20,7 +21,8 @@ from typing import Callable, Optional
 
 from . import config as C
 
-__all__ = ["precheck", "train_main", "sample_main", "nll_main", "compare_main", "report_main", "CollateCallback"]
+__all__ = ["precheck", "train_main", "sample_main", "nll_main", "compare_main", "export_main", "distill_main",
+           "report_main", "CollateCallback"]
 
 log = logging.getLogger("scoresde")
 
@@ -250,6 +252,20 @@ def compare_main(argv=None) -> None:
     from .compare import run_compare
 
     _run_app("compare", run_compare, argv)
+
+
+def export_main(argv=None) -> None:
+    """``scoresde-export ckpt=RUN_DIR format=onnx|safetensors [output=score] [int8=true] [out=DIR]``."""
+    from .export import run_export
+
+    _run_app("export", run_export, argv)
+
+
+def distill_main(argv=None) -> None:
+    """``scoresde-distill [method=progressive|consistency_distillation|consistency_training] [final_steps=1] ...``."""
+    from .distill import run_distill
+
+    _run_app("distill", lambda options, outdir: run_distill(options), argv)
 
 
 def report_main(argv=None) -> None:

@@ -35,6 +35,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import build, samplers
 from .compare import CompareConfig, CompareOptions
+from .distill import DistillOptions
+from .export import ExportOptions
 from .evaluate import EvalOptions
 from .losses import get_loss_fn
 from .runs import DataOptions, RunConfig, legacy_override_error
@@ -198,7 +200,7 @@ def register_configs() -> None:
         for name, schema in table.items():
             cs.store(group=f"schema/{group}", name=name, node=schema)
     for name, schema in (("train", TrainAppConfig), ("sample", SampleAppConfig), ("nll", NLLAppConfig),
-                         ("compare", CompareAppConfig)):
+                         ("compare", CompareAppConfig), ("export", ExportOptions), ("distill", DistillOptions)):
         cs.store(name=f"schema_{name}", node=schema)
     _REGISTERED = True
 
@@ -372,6 +374,9 @@ def validate(cfg):
     """
     if isinstance(cfg, DictConfig):
         check_unknown_keys(cfg)
+    options_class = OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else type(cfg)
+    if options_class in OPTIONS_APPS:
+        return _options_app(cfg, options_class)
     c = cfg if is_dataclass(cfg) else OmegaConf.to_object(cfg)
     _check_common(c)
     if hasattr(c, "eval"):
@@ -410,6 +415,21 @@ def validate(cfg):
     return c
 
 
+# apps whose schema is a library options class itself, with top-level keys (``scoresde-export``, ``scoresde-distill``)
+OPTIONS_APPS = (ExportOptions, DistillOptions)
+
+
+def _options_app(cfg, cls):
+    """``cls(**fields)`` checked by the library (its ``__post_init__`` / ``check``); errors name the top-level key."""
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
+    values = {k: v for k, v in values.items() if k != "hydra"}
+    try:
+        obj = cls(**values)
+        return obj.check() if hasattr(obj, "check") else obj
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def to_plain(obj) -> Any:
     """A dataclass config (or DictConfig) as plain dicts/lists (for JSON and YAML)."""
     if isinstance(obj, DictConfig):
@@ -419,7 +439,10 @@ def to_plain(obj) -> Any:
 
 def to_run(c):
     """The plain objects of a validated app config: ``runs.RunConfig`` (train), ``compare.CompareConfig``, or the
-    app dataclass itself with ``sampler`` as a dict and ``config`` set (sample, nll)."""
+    app dataclass itself with ``sampler`` as a dict and ``config`` set (sample, nll); the library options of
+    ``scoresde-export`` / ``scoresde-distill`` as they are."""
+    if isinstance(c, OPTIONS_APPS):
+        return c
     common = dict(seed=c.seed, device=c.device, dtype=c.dtype, progress=c.progress, config=to_plain(c),
                   allow_nonfinite=c.allow_nonfinite)
     if isinstance(c, (TrainAppConfig, CompareAppConfig)):

@@ -451,6 +451,13 @@ class DistillOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
                 raise ValueError(f"{name} must lie in [0, 1); got {v!r}")
+        for name in ("start_steps", "final_steps"):  # the progressive rounds' rule, checked before any work
+            v = getattr(self, name)
+            check_int(name, v)
+            if v & (v - 1):
+                raise ValueError(f"{name} must be a power of 2; got {v!r}")
+        if self.final_steps > self.start_steps:
+            raise ValueError(f"final_steps must be <= start_steps = {self.start_steps}; got {self.final_steps!r}")
         check_choice("teacher", self.teacher, ("oracle",))
         check_choice("mixture", self.mixture, MIXTURES)
         check_choice("sde", self.sde, ("vp", "subvp"))

@@ -170,7 +170,11 @@ def test_sample_nll_compare_apps_compose(hydra_ctx):
     assert n.eval.splits == ["val", "test"]
     c = C.to_run(C.validate(make("compare", ["experiment=ddpm_vs_sde"])))
     assert c.compare.variants == ["ddpm", "vp", "subvp", "ve"]
-    assert set(c.compare.samplers) == {"ancestral", "pc", "ode", "fast"}
+    assert set(c.compare.samplers) == {"ancestral", "pc", "ode", "fast", "heun"}
+    e = C.to_run(C.validate(make("export", ["ckpt=/some/run", "format=safetensors"])))
+    assert (type(e).__name__, e.format, e.opset) == ("ExportOptions", "safetensors", 17)
+    d = C.to_run(C.validate(make("distill", ["method=consistency_distillation"])))
+    assert (type(d).__name__, d.method, d.final_steps) == ("DistillOptions", "consistency_distillation", 1)
 
 
 def test_sample_without_ckpt_is_missing(hydra_ctx):

@@ -148,6 +148,8 @@ def test_config_file_is_the_options_defaults():
     import scoresde
 
     cfg = yaml.safe_load((Path(scoresde.__file__).parent / "configs" / "distill.yaml").read_text())
+    assert cfg.pop("defaults") == ["schema_distill", "_self_"]
+    assert cfg.pop("hydra")["run"]["dir"] == "${workdir}"  # Hydra's own log goes into the distillation's workdir
     assert cfg == {f.name: f.default for f in dataclasses.fields(DistillOptions)}
     DistillOptions(**cfg)
 
