@@ -165,20 +165,47 @@ def build_model(spec: dict, device=None, dtype=None) -> ScoreModel:
 
 
 def find_checkpoint(path) -> Path:
-    """A checkpoint file: ``path`` itself, or in a run directory ``best.pt`` if present, else ``checkpoint.pt``.
+    """A checkpoint file: ``path`` itself, or in a run directory the checkpoint the run's evaluation uses.
 
-    (``best.pt`` holds the EMA weights selected on validation; a run without evaluation has only
-    ``checkpoint.pt``.) Raises ``FileNotFoundError`` naming what was looked for.
+    ``best.pt`` (the EMA weights selected on validation) when it is the run's current selection, else
+    ``checkpoint.pt``: ``best.pt`` records the step that wrote it and the run's hash (``scoresde.train``), and is
+    used only if the latest ``checkpoint.pt`` still selects by a metric, names that step as its best and has the
+    same run hash; otherwise it is stale (a run continued with evaluation off, a ``best.pt`` of another run) and
+    ``checkpoint.pt`` is used, with a note in the log. A run without evaluation has only ``checkpoint.pt``.
+    Raises ``FileNotFoundError`` naming what was looked for.
     """
     p = Path(path).expanduser()
     if p.is_file():
         return p
     if p.is_dir():
-        for name in ("best.pt", "checkpoint.pt"):
-            if (p / name).is_file():
-                return p / name
+        ckpt, best = p / "checkpoint.pt", p / "best.pt"
+        if best.is_file() and ckpt.is_file():
+            return best if _best_is_current(ckpt, best) else ckpt
+        for f in (best, ckpt):
+            if f.is_file():
+                return f
         raise FileNotFoundError(f"{str(p)!r} holds no best.pt or checkpoint.pt (is it a scoresde-train run directory?)")
     raise FileNotFoundError(f"no such checkpoint file or run directory: {str(p)!r}")
+
+
+def _best_is_current(ckpt: Path, best: Path) -> bool:
+    """Whether ``best.pt`` is the current selection of the run whose latest checkpoint is ``ckpt``."""
+    import logging
+
+    from .checkpoint import load_checkpoint
+
+    c = load_checkpoint(ckpt, map_location="cpu", mmap=True)
+    b = load_checkpoint(best, map_location="cpu", mmap=True)
+    selecting = (c.get("options") or {}).get("select_metric") is not None
+    same_step = (c.get("selection") or {}).get("best_step") == b.get("step")
+    same_run = c.get("run_hash") == b.get("run_hash")
+    if selecting and same_step and same_run:
+        return True
+    why = "the run no longer selects by a metric" if not selecting else (
+        "it is not the run's current best" if not same_step else "it belongs to another run")
+    logging.getLogger("scoresde").info("best.pt (step %s) is stale: %s; using checkpoint.pt (step %s)",
+                                       b.get("step"), why, c.get("step"))
+    return False
 
 
 def _is_export_dir(path) -> bool:

@@ -315,31 +315,9 @@ def load_run(ckpt: str, device, dtype, use_ema: bool = True) -> LoadedRun:
 
 
 def select_checkpoint(run_dir) -> Path:
-    """The checkpoint a run's evaluation uses: ``best.pt`` when it is the current selection of the run, else
-    ``checkpoint.pt``.
-
-    ``best.pt`` records the step that wrote it and the run's hash (``scoresde.train``); it is used only if the
-    run's latest ``checkpoint.pt`` still selects by a metric (``select_metric``), names that same step as its best,
-    and has the same run hash. Otherwise (a run continued with evaluation off, a ``best.pt`` of another run) it is
-    stale, and ``checkpoint.pt`` is used, with a note in the log. Raises ``FileNotFoundError`` if neither exists.
-    """
-    from .checkpoint import load_checkpoint
-
-    run_dir = Path(run_dir)
-    ckpt, best = run_dir / "checkpoint.pt", run_dir / "best.pt"
-    if not best.is_file() or not ckpt.is_file():
-        return build.find_checkpoint(run_dir)
-    c = load_checkpoint(ckpt, map_location="cpu", mmap=True)
-    b = load_checkpoint(best, map_location="cpu", mmap=True)
-    selecting = (c.get("options") or {}).get("select_metric") is not None
-    same_step = (c.get("selection") or {}).get("best_step") == b.get("step")
-    same_run = c.get("run_hash") == b.get("run_hash")
-    if selecting and same_step and same_run:
-        return best
-    why = "the run no longer selects by a metric" if not selecting else (
-        "it is not the run's current best" if not same_step else "it belongs to another run")
-    log.info("best.pt (step %s) is stale: %s; evaluating checkpoint.pt (step %s)", b.get("step"), why, c.get("step"))
-    return ckpt
+    """The checkpoint a run's evaluation uses (``build.find_checkpoint``'s rule, one definition for the apps and
+    ``scoresde.load``): ``best.pt`` when it is the run's current selection, else ``checkpoint.pt``."""
+    return build.find_checkpoint(Path(run_dir))
 
 
 def load_score_sde_run(checkpoint, config, device, dtype, use_ema: bool = True) -> LoadedRun:

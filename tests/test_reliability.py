@@ -155,6 +155,15 @@ def test_stale_best_checkpoint_is_not_evaluated(tmp_path, caplog):
     b = torch.load(d / "best.pt", weights_only=True)
     c = torch.load(d / "checkpoint.pt", weights_only=True)
     assert b["step"] in (10, 20) and b["run_hash"] == c["run_hash"]
+    # the Python API follows the same rule: scoresde.load(run_dir) rebuilds the step-40 weights, not the stale best
+    from scoresde import load
+    from scoresde.build import find_checkpoint
+
+    assert find_checkpoint(d) == d / "checkpoint.pt"
+    model, _ = load(d)
+    ema = c["ema"]["module"]
+    assert set(model.state_dict()) == set(ema)
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
 
 
 def test_best_checkpoint_of_another_run_is_stale(tmp_path):
