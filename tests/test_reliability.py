@@ -647,3 +647,27 @@ def test_a_sweep_into_a_sweep_directory_of_other_runs_fails_before_the_first_job
     line = fails_with_one_line(train_main, ["-m"] + TINY + ["seed=1,3", f"hydra.sweep.dir={sweep}"], capsys)
     assert "(job 1: seed=3)" in line and "seed was 2, now 3" in line
     assert tree_hash(sweep) == before
+
+
+def test_sample_rejects_a_float_in_shape_and_counts_non_finite_rows(caplog):
+    """Before: shape (4.5, 2) was silently truncated to (4, 2); a non-finite sample was only counted by the CLI."""
+    import logging
+
+    from scoresde.samplers import sample
+    from scoresde.sde import VPSDE
+
+    with pytest.raises(TypeError, match="shape must be a sequence of ints"):
+        sample(lambda x, t: -x, VPSDE(), (4.5, 2), method="ddim", steps=2)
+    import numpy as np
+
+    assert sample(lambda x, t: -x, VPSDE(), (np.int64(3), 2), method="ddim", steps=2).x.shape == (3, 2)
+
+    def score(x, t):  # row 1 blows up
+        out = -x.clone()
+        out[1] = float("nan")
+        return out
+
+    with caplog.at_level(logging.WARNING, logger="scoresde"):
+        res = sample(score, VPSDE(), (4, 2), method="ddim", steps=2, generator=torch.Generator().manual_seed(0))
+    assert res.info["n_nonfinite"] == 1 and "1 of 4 samples are not finite" in caplog.text
+    assert torch.isfinite(res.x[[0, 2, 3]]).all()

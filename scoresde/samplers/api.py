@@ -10,7 +10,9 @@ the signatures (nothing is copied). ``check_method_options`` (no SDE needed) and
 from __future__ import annotations
 
 import inspect
+import logging
 import math
+import numbers
 import typing
 
 import torch
@@ -20,6 +22,8 @@ from .._validate import check_choice, check_int, check_positive
 from ._common import SCHEDULES, CountingScore, Noise, SampleResult, _check_bool
 from .dpm_solver_pp import check_dpm_solver_adaptive_options, check_dpm_solver_pp_options, sample_dpm_solver_adaptive, sample_dpm_solver_pp
 from .edm import check_edm_options, sample_edm
+
+log = logging.getLogger("scoresde")
 from .fast import sample_ddim, sample_dpm_solver, sample_heun
 from .ode import ADAPTIVE_ODE_METHODS, ERROR_NORMS, FIXED_ODE_METHODS, ODE_METHODS, sample_ode
 from .unipc import check_unipc_options, sample_unipc
@@ -168,9 +172,12 @@ def check_sample_options(sde: SDE, method: str, **options) -> dict:
 def _check_run(shape, dtype, device, x_T, return_trajectory, generator):
     """The run's own arguments (not a method's options): returns ``(shape, dtype, device, noise)``."""
     try:
-        shape = tuple(int(d) for d in shape)
+        entries = tuple(shape)
     except TypeError:
         raise TypeError(f"shape must be a sequence of ints (batch, *dims); got {shape!r}") from None
+    if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in entries):
+        raise TypeError(f"shape must be a sequence of ints (batch, *dims); got {shape!r}")  # 4.5 is not truncated to 4
+    shape = tuple(int(d) for d in entries)
     if len(shape) < 2 or any(d < 1 for d in shape):
         raise ValueError(f"shape must be (batch, *dims) with at least 2 positive entries; got {shape}")
     _check_bool("return_trajectory", return_trajectory)
@@ -264,7 +271,10 @@ def sample(score_fn, sde: SDE, shape, method: str = "pc", steps: int | None = No
     counted = CountingScore(score_fn)
     with torch.no_grad():
         x, info = SAMPLERS[method](counted, sde, x, noise, callback, progress, **opts)
-    result = SampleResult(x=x, nfe=counted.calls, info={"method": method, **opts, **info})
+    bad = int((~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)).sum())
+    if bad:
+        log.warning("sample(method=%r): %d of %d samples are not finite", method, bad, x.shape[0])
+    result = SampleResult(x=x, nfe=counted.calls, info={"method": method, **opts, **info, "n_nonfinite": bad})
     if return_trajectory:
         result.trajectory = torch.stack(states)
         result.times = torch.tensor(times, dtype=torch.float64)
