@@ -13,7 +13,7 @@ import torch
 from .._validate import check_positive
 from ..sde import SDE
 from ._common import Callback, Noise, ScoreFn, coef, end_time, final_denoise, progress_bar, t_from_log_snr, time_grid
-from .fast import _eps_hat
+from .fast import heun_step
 
 __all__ = ["sample_edm", "check_edm_options"]
 
@@ -54,11 +54,7 @@ def sample_edm(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[Noi
             t_hat = t_from_log_snr(sde, -math.log(sig_hat)) if sig_hat < sig[0] else tl[0]
             m_hat = coef(sde, t_hat)[0]
             xh = xh + (math.sqrt(max(sig_hat ** 2 - sig[i] ** 2, 0.0)) * S_noise) * noise.randn_like(xh)
-        dsig = sig[i + 1] - sig_hat
-        d = _eps_hat(score_fn, sde, m_hat * xh, t_hat)
-        xp = xh + dsig * d
-        d2 = _eps_hat(score_fn, sde, ms[i + 1][0] * xp, tl[i + 1])
-        xh = xh + dsig * 0.5 * (d + d2)
+        xh = heun_step(score_fn, sde, xh, (t_hat, m_hat, sig_hat), (tl[i + 1], ms[i + 1][0], sig[i + 1]))
         if callback is not None:
             callback(ms[i + 1][0] * xh, tl[i + 1])
     x = ms[-1][0] * xh

@@ -206,6 +206,17 @@ def sample_dpm_solver(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optio
 
 
 # --- Heun in the EDM parameterisation ---------------------------------------------------------
+def heun_step(score_fn, sde, xh: torch.Tensor, here: tuple, there: tuple) -> torch.Tensor:
+    """One EDM Heun step of ``dx̂/dσ = ε̂(m x̂, t)`` in ``x̂ = x / m`` from ``here = (t, m, σ)`` to ``there`` (2 NFE):
+    ``d = ε̂(m x̂, t)``, ``x' = x̂ + (σ' − σ) d``, ``x̂ ← x̂ + (σ' − σ) (d + ε̂(m' x', t')) / 2``. Shapes: ``xh (B, ...)``."""
+    (t, m, sig), (t_next, m_next, sig_next) = here, there
+    dsig = sig_next - sig
+    d = _eps_hat(score_fn, sde, m * xh, t)
+    xp = xh + dsig * d
+    d2 = _eps_hat(score_fn, sde, m_next * xp, t_next)
+    return xh + dsig * 0.5 * (d + d2)
+
+
 def sample_heun(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[Noise] = None, callback: Optional[Callback] = None,
                 progress: bool = False, /, *, steps: int = 18, eps: Optional[float] = None, denoise: bool = False,
                 schedule: str = "karras", rho: float = 7.0) -> tuple[torch.Tensor, dict]:
@@ -229,11 +240,7 @@ def sample_heun(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, noise: Optional[No
     sig = [s / m for m, s in ms]
     xh = x / ms[0][0]
     for i in progress_bar(steps, progress, "heun"):
-        dsig = sig[i + 1] - sig[i]
-        d = _eps_hat(score_fn, sde, ms[i][0] * xh, tl[i])
-        xp = xh + dsig * d
-        d2 = _eps_hat(score_fn, sde, ms[i + 1][0] * xp, tl[i + 1])
-        xh = xh + dsig * 0.5 * (d + d2)
+        xh = heun_step(score_fn, sde, xh, (tl[i], ms[i][0], sig[i]), (tl[i + 1], ms[i + 1][0], sig[i + 1]))
         if callback is not None:
             callback(ms[i + 1][0] * xh, tl[i + 1])
     x = ms[-1][0] * xh
