@@ -28,6 +28,7 @@ from .sde import SDE, VESDE, VPSDE, batch_broadcast
 from ._validate import check_choice
 
 __all__ = [
+    "class_conditional",
     "conditioned_noise_mixture",
     "WEIGHTINGS",
     "REDUCES",
@@ -394,3 +395,47 @@ def conditioned_noise_mixture(loss_fn: LossFn, prob: float, std_min: float, std_
             return loss_fn(model, y, generator)
 
     return aug_loss_fn
+
+
+def class_conditional(loss_fn: LossFn, num_classes: int, p_uncond: float = 0.1):
+    """A class-conditional version of ``loss_fn`` with label dropout (classifier-free guidance, Ho & Salimans 2021).
+
+    Returns ``loss_y(model, x0, generator, y)``: each label of ``y`` ``(B,)`` (integers in ``[0, num_classes)``) is
+    replaced by the null label ``num_classes`` with probability ``p_uncond`` (one uniform draw per sample from
+    ``generator``, before the loss's own draws), then ``loss_fn(model, x0, generator)`` runs with the network told the
+    labels (``model.conditioned(class_labels=y')``). One network thus learns ``s(x, t, y)`` and, on the null label,
+    the unconditional ``s(x, t, null)`` that guidance needs. ``p_uncond = 0`` draws nothing and never shows the null
+    label (a purely conditional model); ``p_uncond = 1`` would train an unconditional model and is refused.
+
+    ``train(..., labels=...)`` calls it with the batch's labels. The network must be built with
+    ``num_classes`` equal to ``num_classes`` (checked on the first call, ``ValueError``).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1; got {num_classes!r}")
+    if isinstance(p_uncond, bool) or not isinstance(p_uncond, (int, float)) or not 0 <= p_uncond < 1:
+        raise ValueError(f"p_uncond (label dropout) must lie in [0, 1); got {p_uncond!r}")
+    checked = weakref.WeakSet()
+
+    def loss_y(model: ScoreModel, x0: torch.Tensor, generator: torch.Generator | None = None, y: torch.Tensor | None = None):
+        if y is None:
+            raise ValueError("a class-conditional loss needs the batch's labels y: train(..., labels=...)")
+        if model not in checked:
+            _check_model(model)
+            k = model.num_classes
+            if k != num_classes:
+                raise ValueError(f"the class-conditional loss has num_classes={num_classes} but the network was built "
+                                 f"with num_classes={k}")
+            checked.add(model)
+        if y.shape != (x0.shape[0],) or y.dtype.is_floating_point:
+            raise ValueError(f"y must be an integer tensor of shape (B,) = ({x0.shape[0]},); got {y.dtype} {tuple(y.shape)}")
+        if bool(((y < 0) | (y >= num_classes)).any()):
+            raise ValueError(f"labels must lie in [0, num_classes - 1] = [0, {num_classes - 1}]; got values in "
+                             f"[{int(y.min())}, {int(y.max())}]")
+        y = y.long()
+        if p_uncond > 0:
+            drop = _rand(y.shape[0], generator, x0) < p_uncond
+            y = torch.where(drop, torch.full_like(y, num_classes), y)
+        with model.conditioned(class_labels=y):
+            return loss_fn(model, x0, generator)
+
+    return loss_y

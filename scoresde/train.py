@@ -14,7 +14,8 @@ One step ``n = 0, 1, ...`` (paper defaults in brackets, Song et al. 2021, App. D
 (re-exported here); this module owns the loop, the checkpoint / RNG-state plumbing and the reporting.
 
 ``train`` knows nothing about SDEs or networks: it takes any ``nn.Module``, a
-``loss_fn(model, x0, generator) -> scalar`` and the training set as a tensor.
+``loss_fn(model, x0, generator) -> scalar`` and the training set as a tensor (with ``labels``, the class labels of
+its rows, the loss is ``loss_fn(model, x0, generator, y)``).
 
 Randomness. Each rank owns two generators seeded from ``(seed, rank)``: an index generator
 (CPU; draws an epoch permutation of the data) and a noise generator (on the training device;
@@ -138,15 +139,18 @@ class _IndexSampler:
 
 
 class _LossModule(nn.Module):
-    """``forward(x0, generator) = loss_fn(model, x0, generator)``: lets DDP see every parameter ``loss_fn`` uses."""
+    """``forward(x0, generator[, y]) = loss_fn(model, x0, generator[, y])``: lets DDP see every parameter ``loss_fn``
+    uses."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, x0, generator):
-        return self.loss_fn(self.model, x0, generator)
+    def forward(self, x0, generator, y=None):
+        if y is None:
+            return self.loss_fn(self.model, x0, generator)
+        return self.loss_fn(self.model, x0, generator, y)
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -234,6 +238,7 @@ def train(
     resume: bool = True,
     progress: bool = True,
     callback: Optional[Callback] = None,
+    labels: Optional[torch.Tensor] = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``options.n_steps`` steps (see the module docstring for the update).
 
@@ -254,6 +259,10 @@ def train(
         callback: ``callback(record)``, called on rank 0 with a copy of each record written to ``metrics.jsonl``
             (the module docstring lists the keys), under a forked RNG like ``eval_fn``; e.g. a TensorBoard
             ``SummaryWriter.add_scalar`` per key. Other ranks never call it.
+        labels: optional class labels ``(N,)`` (integer) of ``data``'s rows; then each step's labels ``y`` ``(b,)``
+            of the batch rows (the same indices) are passed on: ``loss_fn(model, x0, generator, y)``
+            (e.g. ``losses.class_conditional``). Drawing them consumes no random numbers, so a run with labels
+            follows the same data order as one without.
 
     Returns:
         ``TrainResult``.
@@ -275,6 +284,12 @@ def train(
         raise TypeError("eval_fn must be callable as eval_fn(ema_model, step)")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(record)")
+    if labels is not None:
+        if not torch.is_tensor(labels) or labels.dtype.is_floating_point or labels.dtype == torch.bool \
+                or labels.shape != (data.shape[0],):
+            desc = f"{labels.dtype} {tuple(labels.shape)}" if torch.is_tensor(labels) else type(labels).__name__
+            raise ValueError(f"labels must be an integer tensor of shape (N,) = ({data.shape[0]},), one per row of data; "
+                             f"got {desc}")
     if options.select_metric is not None and eval_fn is None:
         raise ValueError("options.select_metric is set but no eval_fn was given")
 
@@ -301,14 +316,14 @@ def train(
         device = _model_device(model)
     try:
         return _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_path, prepare, eval_fn,
-                      resume, progress, callback, device, world_size, rank, distributed)
+                      resume, progress, callback, device, world_size, rank, distributed, labels)
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
 def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_path, prepare, eval_fn, resume, progress,
-           callback, device, world_size, rank, distributed) -> TrainResult:
+           callback, device, world_size, rank, distributed, labels=None) -> TrainResult:
     amp = resolve_amp(options.amp, device)
     rhash = run_hash(options, getattr(model, "spec", None))
     local_batch = options.batch_size // world_size
@@ -457,8 +472,9 @@ def _train(model, loss_fn, data, options, workdir, ckpt_path, best_path, log_pat
             idx = sampler.next(local_batch)
             batch = data[idx.to(data.device)].to(device, non_blocking=True)
             x0 = prepare(batch, noise_gen) if prepare is not None else batch
+            y = None if labels is None else labels[idx.to(labels.device)].to(device)
             with autocast():
-                loss = runner(x0, noise_gen)
+                loss = runner(x0, noise_gen, y)
             if not checked_scalar:
                 if not torch.is_tensor(loss) or loss.dim() != 0:
                     raise ValueError(f"loss_fn must return a 0-d tensor; got {getattr(loss, 'shape', type(loss).__name__)}")
