@@ -93,8 +93,13 @@ class GaussianMixture:
         return sde.marginal_coef(t)
 
     # --- public API ------------------------------------------------------------
-    def sample(self, n: int, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
-        """Draw ``n`` samples ``(n, D)`` from the data mixture ``p_0``."""
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None, dtype=None, return_labels: bool = False):
+        """Draw ``n`` samples ``(n, D)`` from the data mixture ``p_0``.
+
+        With ``return_labels=True`` returns ``(x, k)``: ``k`` ``(n,)`` long, the component each row was drawn from
+        (the same random draws, so ``x`` is identical to the ``return_labels=False`` result for the same generator)."""
+        if not isinstance(return_labels, bool):
+            raise ValueError(f"return_labels must be a bool; got {return_labels!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an integer >= 0; got {n!r}")
         if device is None and generator is not None:
@@ -103,10 +108,70 @@ class GaussianMixture:
         mu = self.means.to(device=device, dtype=dtype)
         sd = self.stds.to(device=device, dtype=dtype)
         if n == 0:
-            return torch.empty(0, self.D, device=device, dtype=dtype)
+            x = torch.empty(0, self.D, device=device, dtype=dtype)
+            return (x, torch.empty(0, dtype=torch.long, device=device)) if return_labels else x
         k = torch.multinomial(self.weights.to(device=device, dtype=torch.float64), n, replacement=True, generator=generator)
         z = torch.randn(n, self.D, generator=generator, device=device, dtype=dtype)
-        return mu[k] + sd[k, None] * z
+        x = mu[k] + sd[k, None] * z
+        return (x, k) if return_labels else x
+
+    def condition(self, mask, values) -> "GaussianMixture":
+        """The exact conditional ``p_0(x_u | x_o = values)`` of the unobserved coordinates given the observed ones.
+
+        An isotropic mixture conditioned on some coordinates is an isotropic mixture over the rest, with the
+        same stds, the means restricted to the unobserved coordinates and the weights reweighted by how well
+        each component explains the observation::
+
+            p(x_u | x_o) = sum_k w'_k N(x_u; mu_k[u], sigma_k^2 I),   w'_k ∝ w_k N(x_o; mu_k[o], sigma_k^2 I)
+
+        (the components factorise over coordinates, so ``p(x_o, x_u) = sum_k w_k N(x_o; .) N(x_u; .)``).
+
+        Args:
+            mask: bool, ``D`` entries, ``True`` = observed: shape ``(D,)`` or a data shape ``dims`` with
+                ``prod(dims) = D`` (flattened row-major, as ``x.reshape(B, D)`` flattens samples). At least one
+                coordinate must be unobserved; none observed gives the mixture itself.
+            values: the observed values, either ``(n_obs,)`` (the observed coordinates in flattened order,
+                ``n_obs = mask.sum()``) or a full tensor of ``mask``'s shape whose observed entries are used
+                (the unobserved entries are ignored).
+
+        Returns:
+            ``GaussianMixture`` with ``K`` components (indices kept, a component far from ``values`` gets a
+            weight near 0) in ``D_u = D - n_obs`` dimensions, the unobserved coordinates in flattened order:
+            a full sample is ``x = values_full.clone(); x.reshape(B, D)[:, ~mask.reshape(-1)] = samples``.
+            Computed in the mixture's dtype.
+        """
+        obs = self._check_mask(mask)
+        values = torch.as_tensor(values)
+        mask_shape = tuple(torch.as_tensor(mask).shape)
+        n_obs = int(obs.sum())
+        if values.dim() == 1 and values.shape[0] == n_obs:
+            v = values
+        elif tuple(values.shape) == mask_shape:
+            v = values.reshape(self.D)[obs.to(values.device)]
+        else:
+            raise ValueError(f"values must have shape (n_obs,) = ({n_obs},) (the observed values) or mask's shape "
+                             f"{mask_shape} (a full vector); got {tuple(values.shape)}")
+        v = v.to(device=self.means.device, dtype=self.means.dtype)
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("values must be finite")
+        obs = obs.to(self.means.device)
+        mu_o, mu_u = self.means[:, obs], self.means[:, ~obs]
+        var = self.stds**2
+        log_n = -0.5 * n_obs * torch.log(2 * math.pi * var) - 0.5 * (v[None, :] - mu_o).pow(2).sum(1) / var
+        logw = torch.log(self.weights) + log_n
+        return GaussianMixture(mu_u, self.stds, torch.softmax(logw, dim=0))
+
+    def _check_mask(self, mask) -> torch.Tensor:
+        """``mask`` as a flat ``(D,)`` bool tensor, checked (``D`` entries, bool, at least one unobserved)."""
+        mask = torch.as_tensor(mask)
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = observed); got dtype {mask.dtype}")
+        if mask.numel() != self.D or mask.dim() == 0:
+            raise ValueError(f"mask must have shape (D,) = ({self.D},) or a data shape with prod(dims) = D; got {tuple(mask.shape)}")
+        flat = mask.reshape(self.D)
+        if bool(flat.all()):
+            raise ValueError("mask must leave at least one coordinate unobserved (False); got every coordinate observed")
+        return flat
 
     def log_prob(self, x: torch.Tensor, t=None, sde: SDE | None = None) -> torch.Tensor:
         """Exact ``log p_0(x)`` or, with ``t`` and ``sde``, ``log p_t(x)``; shape ``(B,)``."""
