@@ -341,3 +341,20 @@ def test_read_idx_rejects_bad_files(tmp_path):
     arr = np.array([1, -2, 70000], dtype=">i4")
     (tmp_path / "i4").write_bytes(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 3) + arr.tobytes())
     assert read_idx(tmp_path / "i4").tolist() == [1, -2, 70000]
+
+
+def test_gmm_labels_are_the_components_and_keep_the_draws():
+    """``gmm`` data carry the component each point came from (``NUM_CLASSES["gmm"]`` of them); the points are the
+    same draws as without labels."""
+    from scoresde.data import default_gmm
+    from scoresde.data.datasets import NUM_CLASSES
+
+    ds = load_dataset("gmm", "val", n=500, seed=3)
+    gm = default_gmm(2)
+    x, k = gm.sample(500, generator=torch.Generator().manual_seed(4 * 3 + 1), dtype=torch.get_default_dtype(),
+                     return_labels=True)
+    assert torch.equal(ds.x, x) and torch.equal(ds.labels, k)
+    assert ds.labels.dtype == torch.long and int(ds.labels.max()) < NUM_CLASSES["gmm"] == gm.K
+    tv = load_dataset("gmm", "trainval", n=30)
+    assert tv.labels.shape == (30,)
+    assert load_dataset("moons", "val", n=10).labels is None

@@ -5,7 +5,7 @@ Names and what they give (``DataSet.x``):
 | name | x | levels |
 | --- | --- | --- |
 | "swissroll", "moons", "eight_gaussians", "checkerboard" | float ``(N, 2)``, standardised (see ``toy``) | None |
-| "gmm" | float ``(N, 2)`` samples of ``default_gmm(2)`` | None |
+| "gmm" | float ``(N, 2)`` samples of ``default_gmm(2)``; labels: their component ``0..4`` | None |
 | "digits" | uint8 ``(N, 1, 8, 8)`` in ``[0, 16]`` (scikit-learn, fixed split, see ``digits``) | 17 |
 | "mnist" | uint8 ``(N, 1, 28, 28)`` | 256 |
 | "cifar10" | uint8 ``(N, 3, 32, 32)`` | 256 |
@@ -34,7 +34,7 @@ from .toy import TOY_GENERATORS, default_gmm
 from .transforms import uniform_dequantize
 from .._validate import check_choice
 
-__all__ = ["DataSet", "load_dataset", "DATASET_NAMES", "SPLITS", "TOY_SPLIT_SIZES", "TENSOR_FILE_OPTIONS"]
+__all__ = ["DataSet", "load_dataset", "DATASET_NAMES", "SPLITS", "TOY_SPLIT_SIZES", "TENSOR_FILE_OPTIONS", "NUM_CLASSES"]
 
 CONTINUOUS_NAMES = ("swissroll", "moons", "eight_gaussians", "checkerboard", "gmm")
 IMAGE_NAMES = ("digits", "mnist", "cifar10")
@@ -45,6 +45,8 @@ TENSOR_FILE_OPTIONS = tuple(p for p in inspect.signature(load_tensor_file).param
 SPLITS = ("train", "val", "test", "trainval")
 TOY_SPLIT_SIZES = {"train": 20000, "val": 2000, "test": 5000}
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
+# the labelled data sets and their number of classes (gmm: the component of ``default_gmm(2)`` a sample came from)
+NUM_CLASSES = {"gmm": 5, "digits": 10, "mnist": 10, "cifar10": 10}
 
 
 @dataclass
@@ -115,11 +117,12 @@ class DataSet:
         return uniform_dequantize(self.x, self.levels, centered=centered, generator=generator, dtype=dtype, noise=dequantize)
 
 
-def _toy_split(name: str, split: str, n: int, seed: int) -> torch.Tensor:
+def _toy_split(name: str, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, labels)`` of a toy split; labels (the mixture component) for "gmm" only, else ``None``."""
     g = torch.Generator().manual_seed(4 * seed + _SPLIT_STREAM[split])
     if name == "gmm":
-        return default_gmm(2).sample(n, generator=g, dtype=torch.get_default_dtype())
-    return TOY_GENERATORS[name](n, generator=g)
+        return default_gmm(2).sample(n, generator=g, dtype=torch.get_default_dtype(), return_labels=True)
+    return TOY_GENERATORS[name](n, generator=g), None
 
 
 def load_dataset(
@@ -174,11 +177,12 @@ def load_dataset(
 
     if name in CONTINUOUS_NAMES:
         if split == "trainval":
-            x = torch.cat([_toy_split(name, s, TOY_SPLIT_SIZES[s], seed) for s in ("train", "val")])
-            x = x[:n] if n is not None else x
+            parts = [_toy_split(name, s, TOY_SPLIT_SIZES[s], seed) for s in ("train", "val")]
+            x = torch.cat([p[0] for p in parts])[:n]
+            y = None if parts[0][1] is None else torch.cat([p[1] for p in parts])[:n]
         else:
-            x = _toy_split(name, split, n if n is not None else TOY_SPLIT_SIZES[split], seed)
-        return DataSet(x=x, levels=None, name=name, split=split)
+            x, y = _toy_split(name, split, n if n is not None else TOY_SPLIT_SIZES[split], seed)
+        return DataSet(x=x, levels=None, name=name, labels=y, split=split)
 
     if name == "digits":
         x, y = load_digits_split(split)
