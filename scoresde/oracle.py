@@ -9,6 +9,17 @@ so its log-density and score are exact::
 
     grad_x log p_t(x) = - sum_k r_k(x, t) (x - m(t) mu_k) / v_k(t),   r_k = softmax_k(log w_k + log N_k)
 
+Classes and conditionals (controllable generation, Song et al. 2021 §5): a class ``y = c`` is a set of components
+``C_c``; the classes partition ``{0, ..., K-1}``. Then ``p_0(x | c)`` is the sub-mixture over ``C_c`` with renormalised
+weights (``subset``), its perturbed marginals are the same sub-mixture perturbed, and the noise-conditional classifier
+is exact::
+
+    p_t(y = c | x) = sum_{k in C_c} r_k(x, t)        (class_log_prob)
+
+so ``grad_x log p_t(x) + grad_x log p_t(c | x) = grad_x log p_t(x | c)`` holds exactly. ``condition`` gives the exact
+distribution of unobserved coordinates given observed ones, and ``cfg_gaussian_target`` the exact target of
+classifier-free guidance where it is closed-form (two Gaussians with one std).
+
 Inputs may be ``(B, D)`` or image-shaped ``(B, *dims)`` with ``prod(dims) = D``; outputs keep the
 input's shape (per-sample quantities are ``(B,)``). Computation is in the input's dtype.
 """
@@ -19,9 +30,10 @@ import math
 
 import torch
 
+from ._validate import check_number
 from .sde import SDE, VPSDE, as_time, batch_broadcast
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "labelled_score_fn", "cfg_gaussian_target"]
 
 
 class GaussianMixture:
@@ -173,6 +185,74 @@ class GaussianMixture:
             raise ValueError("mask must leave at least one coordinate unobserved (False); got every coordinate observed")
         return flat
 
+    def _check_components(self, components, name: str = "components") -> torch.Tensor:
+        """A non-empty list of distinct component indices in ``[0, K)`` as a ``(n,)`` long tensor."""
+        c = torch.as_tensor(components) if not isinstance(components, (list, tuple)) or len(components) else None
+        if c is None or c.dim() != 1 or c.numel() == 0 or c.dtype.is_floating_point or c.dtype == torch.bool:
+            raise ValueError(f"{name} must be a non-empty list of component indices in [0, K) = [0, {self.K}); got {components!r}")
+        c = c.long().cpu()
+        if bool(((c < 0) | (c >= self.K)).any()) or len(set(c.tolist())) != c.numel():
+            raise ValueError(f"{name} must be distinct component indices in [0, K) = [0, {self.K}); got {c.tolist()}")
+        return c
+
+    def _check_classes(self, classes) -> list[torch.Tensor]:
+        """``classes``: a list of component-index lists that partitions ``{0, ..., K-1}``."""
+        if not isinstance(classes, (list, tuple)) or not classes:
+            raise ValueError(f"classes must be a non-empty list of component-index lists partitioning [0, K) = [0, {self.K}); got {classes!r}")
+        idx = [self._check_components(c, f"classes[{i}]") for i, c in enumerate(classes)]
+        flat = sorted(int(k) for c in idx for k in c)
+        if flat != list(range(self.K)):
+            raise ValueError(f"classes must partition the components [0, K) = [0, {self.K}) (each index in exactly one class); "
+                             f"got {[c.tolist() for c in idx]}")
+        return idx
+
+    def subset(self, components) -> "GaussianMixture":
+        """The class-conditional data distribution ``p_0(x | y) = sum_{k in C} w_k N(mu_k, sigma_k^2 I) / sum_{k in C} w_k``
+        of a class made of the ``components`` ``C`` (list of distinct indices in ``[0, K)``); a mixture of ``|C|``
+        components in ``D`` dimensions, in the given order."""
+        c = self._check_components(components)
+        if not float(self.weights[c].sum()) > 0:
+            raise ValueError(f"components {c.tolist()} have total weight 0; a class needs positive probability")
+        return GaussianMixture(self.means[c], self.stds[c], self.weights[c])
+
+    def class_log_prob(self, x: torch.Tensor, t, sde: SDE | None, classes) -> torch.Tensor:
+        """Exact noise-conditional classifier ``log p_t(y = c | x) = logsumexp_{k in C_c} log(w_k N_k) - log p_t(x)``.
+
+        Args:
+            x: ``(B, D)`` or ``(B, *dims)``. t, sde: both given (``t`` ``(B,)`` or a scalar) for ``p_t``, or both
+                ``None`` for the data distribution.
+            classes: ``C`` lists of component indices that partition ``[0, K)``; class ``c`` is ``classes[c]``.
+        Returns:
+            ``(B, C)`` log-probabilities (each row's ``exp`` sums to 1).
+        """
+        idx = self._check_classes(classes)
+        m, s = self._coef(x, t, sde)
+        logj, _, _ = self._components(self._flat(x), m, s)
+        log_class = torch.stack([torch.logsumexp(logj[:, c.to(x.device)], dim=1) for c in idx], dim=1)
+        return log_class - torch.logsumexp(logj, dim=1, keepdim=True)
+
+    def class_log_prob_fn(self, sde: SDE, classes):
+        """``log_prob_fn(x, t) -> (B, C)``: the exact ``log p_t(y | x)`` of ``class_log_prob`` for ``sde``, in the form a
+        classifier takes in ``scoresde.samplers.classifier_guided_score_fn``."""
+        self._check_classes(classes)
+
+        def log_prob_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.class_log_prob(x, t, sde, classes)
+
+        return log_prob_fn
+
+    def class_score_fn(self, sde: SDE, components):
+        """``score_fn(x, t)``: the exact class-conditional score ``grad_x log p_t(x | y)`` of the class made of
+        ``components`` (the perturbed marginals of ``subset(components)``)."""
+        return self.subset(components).score_fn(sde)
+
+    def label_score_fn(self, sde: SDE, classes):
+        """``cond_score(x, t, y)``: the exact labelled score, ``y (B,)`` long in ``[0, C]``: label ``c < C`` gives the score
+        of class ``classes[c]`` (``subset``), the null label ``C = len(classes)`` the unconditional score of the whole
+        mixture (what a class-conditional network trained with label dropout learns). See ``labelled_score_fn``."""
+        idx = self._check_classes(classes)
+        return labelled_score_fn([self.subset(c) for c in idx] + [self], sde)
+
     def log_prob(self, x: torch.Tensor, t=None, sde: SDE | None = None) -> torch.Tensor:
         """Exact ``log p_0(x)`` or, with ``t`` and ``sde``, ``log p_t(x)``; shape ``(B,)``."""
         xf = self._flat(x)
@@ -223,3 +303,69 @@ class GaussianMixture:
             return self.ddpm_eps(x, i, sde)
 
         return eps_fn
+
+
+def labelled_score_fn(mixtures, sde: SDE):
+    """``cond_score(x, t, y) -> tensor like x``: row ``b`` gets the exact score of ``mixtures[y_b]`` perturbed by ``sde``.
+
+    Args:
+        mixtures: a list of ``L`` ``GaussianMixture`` of one dimension ``D``; label ``l`` means ``mixtures[l]``.
+        sde: the SDE whose perturbed marginals are scored.
+    The returned function takes ``x`` ``(B, D)`` or ``(B, *dims)``, ``t`` ``(B,)`` and ``y`` ``(B,)`` integer labels in
+    ``[0, L)``; it evaluates each label's rows with that mixture's ``score``.
+    """
+    if not isinstance(mixtures, (list, tuple)) or not mixtures or not all(isinstance(g, GaussianMixture) for g in mixtures):
+        raise TypeError(f"mixtures must be a non-empty list of GaussianMixture; got {mixtures!r}")
+    if len({g.D for g in mixtures}) != 1:
+        raise ValueError(f"mixtures must all have one dimension D; got {[g.D for g in mixtures]}")
+
+    def cond_score(x: torch.Tensor, t, y: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(y) or y.shape != (x.shape[0],) or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"y must be an integer tensor of shape (B,) = ({x.shape[0]},); got {y!r}")
+        if bool(((y < 0) | (y >= len(mixtures))).any()):
+            raise ValueError(f"y must lie in [0, {len(mixtures) - 1}]; got {y.unique().tolist()}")
+        t = as_time(t, x, sde.T)
+        out = torch.empty_like(x)
+        for label in y.unique().tolist():
+            rows = y == label
+            out[rows] = mixtures[label].score(x[rows], t[rows], sde)
+        return out
+
+    return cond_score
+
+
+def cfg_gaussian_target(cond: GaussianMixture, uncond: GaussianMixture, w: float) -> GaussianMixture:
+    """The exact target of classifier-free guidance for two isotropic Gaussians with the same std.
+
+    For ``p_0(x | c) = N(mu_c, sigma^2 I)`` and ``p_0(x) = N(mu_u, sigma^2 I)`` and any SDE with affine drift
+    (``x_t = m(t) x_0 + s(t) z``), both perturbed marginals have the variance ``v(t) = m^2 sigma^2 + s^2``, so::
+
+        (1 + w) s_c - w s_u = -[(1 + w)(x - m mu_c) - w (x - m mu_u)] / v = -(x - m mu_w) / v,
+        mu_w = (1 + w) mu_c - w mu_u,
+
+    which is, at every ``t``, the score of the perturbed ``N(mu_w, sigma^2 I)``. The guided reverse SDE / ODE is
+    therefore that of the data distribution ``N(mu_w, sigma^2 I)`` and every sampler must reach it.
+
+    With different stds ``sigma_c != sigma_u`` the guided score is ``-[(1 + w)/v_c - w/v_u] x + ...``: its precision
+    ``(1 + w)/v_c(t) - w/v_u(t)`` is not ``1/(m^2 sigma^2 + s^2)`` for one ``sigma`` at all ``t`` (and can be negative),
+    so the guided family is not the family of perturbed marginals of any ``p_0``, and there is no closed-form target;
+    this function refuses that case. (Neither is there for mixtures: guidance tilts each ``p_t`` differently.)
+
+    Args:
+        cond, uncond: one-component ``GaussianMixture`` of one dimension ``D`` and equal stds (relative 1e-12).
+        w: the guidance weight, any finite number (``w = 0``: ``cond``; ``w = -1``: ``uncond``).
+    Returns:
+        ``GaussianMixture`` ``N(mu_w, sigma^2 I)`` (one component, ``cond``'s dtype).
+    """
+    for name, g in (("cond", cond), ("uncond", uncond)):
+        if not isinstance(g, GaussianMixture) or g.K != 1:
+            raise ValueError(f"{name} must be a one-component GaussianMixture (a Gaussian); got {g!r}")
+    if cond.D != uncond.D:
+        raise ValueError(f"cond and uncond must have the same dimension; got D = {cond.D} and {uncond.D}")
+    sc, su = float(cond.stds[0]), float(uncond.stds[0])
+    if abs(sc - su) > 1e-12 * max(sc, su):
+        raise ValueError(f"cond and uncond must have the same std for a closed-form guided target (with different stds "
+                         f"the guided scores are not the perturbed marginals of any distribution); got {sc!r} and {su!r}")
+    w = check_number("w", w, lambda v: True, "a finite number")
+    mu_w = (1 + w) * cond.means - w * uncond.means.to(cond.means.dtype)
+    return GaussianMixture(mu_w, cond.stds)

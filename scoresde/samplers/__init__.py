@@ -41,3 +41,5 @@ __all__ = [
     "sample_dpm_solver", "sample_heun", "sample_dpm_solver_pp", "sample_dpm_solver_adaptive", "sample_unipc", "sample_edm",
     "dynamic_threshold",
 ]
+from .guidance import cfg_score_fn, classifier_guided_score_fn, model_label_score  # noqa: E402
+__all__ += ["cfg_score_fn", "classifier_guided_score_fn", "model_label_score"]
