@@ -6,6 +6,7 @@ chosen by ``scoresde.model.ScoreModel.net_time``; the network does not know what
 (ε, score, ...): ``ScoreModel`` does.
 """
 
+from .classifier import ConvClassifier, MLPClassifier
 from .convnet import ConvScoreNet
 from .ddpm import DDPM
 from .dit import DiT
@@ -17,3 +18,4 @@ from .unet import UNet
 __all__ = ["SinusoidalEmbedding", "GaussianFourierEmbedding", "MLPScoreNet", "UNet", "group_count"]
 __all__ += ["NCSNpp", "DDPM"]
 __all__ += ["ConvScoreNet", "DiT"]
+__all__ += ["ConvClassifier", "MLPClassifier"]
