@@ -82,6 +82,8 @@ def model_label_score(model) -> LabelledScore:
         model: a ``ScoreModel`` whose network takes ``class_labels`` (``model.num_classes = K`` not ``None``).
     Returns:
         ``cond_score(x (B, *dims), t (B,), y (B,) long in [0, K]) -> (B, *dims)``; ``y = K`` is the null label.
+        Its attribute ``num_classes`` is ``K``, so guided sampling reads
+        ``cfg_score_fn(cs, y, w, null_label=cs.num_classes)``.
     Raises:
         TypeError if ``model`` has no ``score_fn`` / ``conditioned``; ValueError if its network is unconditional.
         The returned function raises ValueError for labels outside ``[0, K]`` or of the wrong shape.
