@@ -14,6 +14,9 @@ The tables ``SDES`` and ``NETWORKS`` name the classes a spec may use; their cons
 arguments are the spec's ``kwargs`` (and, at the edge, the config fields: ``scoresde.config`` derives
 its schemas from these signatures). Arguments a network takes from the data or the SDE
 (``DATA_ARGS``: ``dim``, ``in_channels``, ``image_size``, ...) are filled in here, never configured.
+
+A class-conditional model records ``num_classes`` in ``net.kwargs`` (e.g. ``{"name": "convnet", "kwargs": {...,
+"num_classes": 10}}``), so ``build_model`` / ``load`` rebuild it; ``CLASS_CONDITIONAL`` names the networks that take it.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from . import nets
 from .model import ScoreModel
 from .sde import SDE, VESDE, VPSDE, SubVPSDE
 
-__all__ = ["SDES", "NETWORKS", "DATA_ARGS", "SDE_ARGS", "SPEC_FORMAT", "sde_spec", "build_sde", "build_net", "build_model",
-           "model_spec", "default_parameterization", "find_checkpoint", "load", "Flatten"]
+__all__ = ["SDES", "NETWORKS", "CLASS_CONDITIONAL", "DATA_ARGS", "SDE_ARGS", "SPEC_FORMAT", "sde_spec", "build_sde",
+           "build_net", "build_model", "model_spec", "default_parameterization", "find_checkpoint", "load", "Flatten"]
 
 SPEC_FORMAT = "scoresde-spec-1"
 
@@ -43,6 +46,9 @@ NETWORKS = {"mlp": nets.MLPScoreNet, "unet": nets.UNet}
 for _name, _cls in (("ncsnpp", "NCSNpp"), ("ddpm", "DDPM"), ("convnet", "ConvScoreNet"), ("dit", "DiT")):
     if hasattr(nets, _cls):
         NETWORKS[_name] = getattr(nets, _cls)
+
+# networks that take ``num_classes`` (class-conditional: ``forward(x, t_in, class_labels=...)``)
+CLASS_CONDITIONAL = tuple(n for n, c in NETWORKS.items() if "num_classes" in inspect.signature(c.__init__).parameters)
 
 # network constructor arguments that come from the data, the SDE or the seed, not from a config (NCSN++ / DDPM take
 # the data's scaler ``centered`` and, for ``scale_by_sigma``, the VE SDE's noise levels)
@@ -75,35 +81,51 @@ def build_sde(name: str, **kwargs) -> SDE:
 
 
 class Flatten(nn.Module):
-    """Run a vector network ``net((B, D), t_in)`` on per-sample shape ``shape`` (e.g. images): ``(B, *shape) -> (B, *shape)``."""
+    """Run a vector network ``net((B, D), t_in, class_labels)`` on per-sample shape ``shape`` (e.g. images):
+    ``(B, *shape) -> (B, *shape)``; ``class_labels (B,)`` (or ``None``) passes through unchanged and ``num_classes``
+    is the wrapped network's."""
 
     def __init__(self, net: nn.Module, shape):
         super().__init__()
         self.net = net
         self.shape = tuple(int(s) for s in shape)
 
-    def forward(self, x: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
-        return self.net(x.reshape(x.shape[0], -1), t_in).reshape(x.shape)
+    @property
+    def num_classes(self) -> Optional[int]:
+        return getattr(self.net, "num_classes", None)
+
+    def forward(self, x: torch.Tensor, t_in: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], -1)
+        out = self.net(flat, t_in) if class_labels is None else self.net(flat, t_in, class_labels=class_labels)
+        return out.reshape(x.shape)
 
 
-def build_net(name: str, data_shape, seed: int = 0, sde: Optional[SDE] = None, centered: bool = True, **kwargs) -> nn.Module:
+def build_net(name: str, data_shape, seed: int = 0, sde: Optional[SDE] = None, centered: bool = True,
+              num_classes: Optional[int] = None, **kwargs) -> nn.Module:
     """The network ``NETWORKS[name]`` for per-sample data shape ``data_shape`` (``(D,)`` or ``(C, H, W)``).
 
     ``kwargs`` are the network's own constructor arguments; the data-dependent ones (``DATA_ARGS``) are
     filled in: ``dim = prod(data_shape)`` for vector networks (images are flattened around them, see
     ``Flatten``), ``in_channels``/``num_channels`` and ``image_size`` for image networks, ``centered`` (the data's
     scaler), ``seed``, and from a VE ``sde`` the noise levels a ``scale_by_sigma`` network needs (``SDE_ARGS``).
+    ``num_classes``: ``None`` (unconditional) or the number of classes of a class-conditional network (one of
+    ``CLASS_CONDITIONAL``; ``ValueError`` for the others).
     """
     if name not in NETWORKS:
         raise ValueError(f"network name must be one of {list(NETWORKS)}; got {name!r}")
     cls = NETWORKS[name]
     params = _init_args(cls)
+    if num_classes is not None and "num_classes" not in params:
+        raise ValueError(f"network {name!r} has no class conditioning (num_classes={num_classes!r}); "
+                         f"the networks that take num_classes: {list(CLASS_CONDITIONAL)}")
     own = [n for n in params if n not in DATA_ARGS and n not in SDE_ARGS]
     unknown = sorted(set(kwargs) - set(own))
     if unknown:
         raise ValueError(f"unknown argument(s) {unknown} for network {name!r}; allowed: {own}")
     shape = tuple(int(s) for s in data_shape)
     args = dict(kwargs)
+    if "num_classes" in params:
+        args["num_classes"] = num_classes
     if "seed" in params:
         args["seed"] = seed
     if "centered" in params:

@@ -17,8 +17,11 @@ convolutions at the same widths). ResBlock (BigGAN / DDPM++ with scale-shift tim
     out = (skip(x) + h) / sqrt(2)          (skip a 1x1 conv when the channel count changes)
 
 with the last conv of every branch and the output conv starting near zero (``layers.ZERO_INIT_SCALE``), so the
-network starts as ``f ~ 0``. Time: ``temb = Dense(SiLU(Dense(emb(t_in))))``, ``emb`` sinusoidal (for
-``t_in = 999 t``) or Gaussian Fourier of ``log t_in`` (for ``t_in = sigma``), ``4 ch`` wide.
+network starts as ``f ~ 0``. Time: ``temb = SiLU(Dense(SiLU(Dense(emb(t_in)))))``, ``emb`` sinusoidal (for
+``t_in = 999 t``) or Gaussian Fourier of ``log t_in`` (for ``t_in = sigma``), ``4 ch`` wide. Class conditioning
+(``num_classes = K``): ``temb = SiLU(Dense(SiLU(Dense(emb(t_in)))) + E[y])`` with ``E`` a ``layers.LabelEmbedding``
+(``K + 1`` rows, the last the null class, zero at initialisation), i.e. added after the time MLP and before the
+SiLU that every block's ``scale, shift`` projection would otherwise apply.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import ZERO_INIT_SCALE, _check_dim, conv2d, dense, group_count, make_time_embedding
+from .layers import (ZERO_INIT_SCALE, LabelEmbedding, _check_dim, check_class_labels, conv2d, dense, group_count,
+                     make_time_embedding)
 from .mlp import _check_dropout
 
 __all__ = ["ConvScoreNet"]
 
 TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+SKIP_MODES = ("add", "cat")
 
 
 class _ResBlock(nn.Module):
@@ -119,10 +124,15 @@ class ConvScoreNet(nn.Module):
             ``log t_in``; for ``t_in = sigma``, VE).
         fourier_scale: std of the Fourier frequencies (``time_embedding="fourier"`` only).
         num_groups: maximum GroupNorm groups (``group_count`` adapts it to small channel counts).
+        skip: ``"add"`` (1x1 projection added to the skip) or ``"cat"`` (concatenated) on the way up.
+        aug_cond: take an augmentation level ``aug_level (B,)`` (``>= 0``; 0 = not augmented) as an extra input.
+        num_classes: ``None`` (unconditional: no table, no new parameters) or ``K``, the number of classes: a
+            ``LabelEmbedding`` of ``K + 1`` rows of width ``4 ch`` (the last row, label ``K``, the null class).
         seed: weights are drawn from ``torch.Generator().manual_seed(seed)``.
 
-    ``forward(x (B, C, H, W), t_in (B,)) -> (B, C, H, W)``, ``t_in`` the network time of
-    ``ScoreModel.net_time`` (``999 t`` for VP, ``sigma(t)`` for VE).
+    ``forward(x (B, C, H, W), t_in (B,), aug_level (B,) or None, class_labels (B,) int in [0, K] or None)
+    -> (B, C, H, W)``, ``t_in`` the network time of ``ScoreModel.net_time`` (``999 t`` for VP, ``sigma(t)`` for VE);
+    ``class_labels=None`` is the null class.
     """
 
     def __init__(
@@ -139,6 +149,7 @@ class ConvScoreNet(nn.Module):
         num_groups: int = 8,
         skip: str = "add",
         aug_cond: bool = False,
+        num_classes: Optional[int] = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -154,6 +165,9 @@ class ConvScoreNet(nn.Module):
         if isinstance(fourier_scale, bool) or not isinstance(fourier_scale, (int, float)) or not (math.isfinite(fourier_scale) and fourier_scale > 0):
             raise ValueError(f"fourier_scale must be a finite number > 0; got {fourier_scale!r}")
         _check_dim("num_groups", num_groups)
+        if skip not in SKIP_MODES:
+            raise ValueError(f"skip must be one of {SKIP_MODES}; got {skip!r}")
+        self.num_classes = None if num_classes is None else _check_dim("num_classes", num_classes)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer; got {seed!r}")
         L = len(self.ch_mult)
@@ -171,6 +185,8 @@ class ConvScoreNet(nn.Module):
             self.aug_embed = make_time_embedding("fourier", embed_dim, 1.0, seed + 1)
             self.aug_map = dense(embed_dim, embed_dim, g)
         self.temb = nn.Sequential(dense(embed_dim, temb_dim, g), nn.SiLU(), dense(temb_dim, temb_dim, g), nn.SiLU())
+        if num_classes is not None:
+            self.label_embed = LabelEmbedding(num_classes, temb_dim)
         widths = [ch * m for m in self.ch_mult]
         self.conv_in = conv2d(in_channels, ch, 3, g)
         stage = lambda c_in, c_out, lvl: _Stage(c_in, c_out, num_res_blocks, image_size // 2**lvl in self.attn_resolutions,
@@ -186,7 +202,17 @@ class ConvScoreNet(nn.Module):
         self.conv_out = conv2d(widths[0], in_channels, 3, g, scale=ZERO_INIT_SCALE)
         self.act = nn.SiLU()
 
-    def forward(self, x: torch.Tensor, t_in: torch.Tensor, aug_level: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _time_embedding(self, emb: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """``SiLU(Dense(SiLU(Dense(emb))) [+ E[class_labels or the null class]])``: ``(B, embed_dim) -> (B, 4 ch)``."""
+        if self.num_classes is None:
+            return self.temb(emb)
+        *mlp, act = self.temb
+        for layer in mlp:
+            emb = layer(emb)
+        return act(emb + self.label_embed(class_labels, emb.shape[0]))
+
+    def forward(self, x: torch.Tensor, t_in: torch.Tensor, aug_level: Optional[torch.Tensor] = None,
+                class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, C, H, W) with C = in_channels = {self.in_channels}; got {tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
@@ -194,13 +220,14 @@ class ConvScoreNet(nn.Module):
         if not torch.is_tensor(t_in) or t_in.shape != (x.shape[0],):
             shape = tuple(t_in.shape) if torch.is_tensor(t_in) else type(t_in).__name__
             raise ValueError(f"t_in must have shape (B,) = ({x.shape[0]},); got {shape}")
+        check_class_labels(class_labels, self.num_classes, x.shape[0], type(self).__name__)
         emb = self.embed(t_in.to(x.dtype))
         if aug_level is not None:
             if not self.aug_cond:
                 raise ValueError("aug_level needs a network built with aug_cond=True")
             a = aug_level.to(x.dtype)
             emb = emb + (a > 0).to(x.dtype)[:, None] * self.aug_map(self.aug_embed(a))
-        temb = self.temb(emb)
+        temb = self._time_embedding(emb, class_labels)
         h = self.conv_in(x)
         skips = []
         for lvl, stage in enumerate(self.down):

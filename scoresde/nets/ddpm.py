@@ -12,18 +12,22 @@ state_dict loads with ``strict=True``. Layout (``L = len(ch_mult)`` levels)::
 
 Residual blocks and attention use 32 GroupNorm groups, no skip rescaling, and start their last
 layer at scale 1e-10. The time input ``labels`` is embedded as is: ``999 t`` for continuous VP, the
-(possibly fractional) step ``t (N - 1)`` for discrete DDPM.
+(possibly fractional) step ``t (N - 1)`` for discrete DDPM. Class conditioning (``num_classes = K``, not in the
+reference): ``temb <- temb + E[class_labels]`` after the two Dense layers, ``E`` a ``layers.LabelEmbedding`` (``K + 1``
+rows of width ``4 nf``, the last the null class, zero at initialisation) stored as ``label_embed.weight`` outside
+``all_modules`` (the reference's keys are unchanged).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from .._validate import check_int, check_positive
 from . import layerspp as L
+from .layers import LabelEmbedding, _check_dim, check_class_labels
 from .ncsnpp import _check_bool, _check_dropout, _check_int_tuple, _config_field, _prefix_config_error, sigma_levels
 
 __all__ = ["DDPM"]
@@ -44,9 +48,11 @@ class DDPM(nn.Module):
         scale_by_sigma: divide the output by ``sigmas[labels.long()]`` (integer ``labels`` only).
         nonlinearity: ``"swish"``, ``"elu"``, ``"relu"`` or ``"lrelu"``.
         sigma_min, sigma_max, num_scales: the ``sigmas`` buffer (``exp(linspace(log sigma_max, log sigma_min, N))``).
+        num_classes: ``None`` (unconditional, the reference's network) or ``K``, the number of classes (module docstring).
         seed: weights are drawn from ``torch.Generator().manual_seed(seed)``.
 
-    ``forward(x (B, num_channels, H, W), labels (B,)) -> (B, num_channels, H, W)``.
+    ``forward(x (B, num_channels, H, W), labels (B,), class_labels (B,) int in [0, K] or None) -> (B, num_channels,
+    H, W)``; ``labels`` is the time input (the reference's name), ``class_labels=None`` the null class.
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class DDPM(nn.Module):
         sigma_min: float = 0.01,
         sigma_max: float = 50.0,
         num_scales: int = 1000,
+        num_classes: Optional[int] = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -88,6 +95,7 @@ class DDPM(nn.Module):
         if not sigma_min < sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
         num_scales = check_int("num_scales", num_scales)
+        self.num_classes = None if num_classes is None else _check_dim("num_classes", num_classes)
         for m in ch_mult:
             if (nf * m) % 32:
                 raise ValueError(
@@ -143,6 +151,8 @@ class DDPM(nn.Module):
         modules.append(nn.GroupNorm(32, in_ch, eps=1e-6))
         modules.append(L.conv3x3(in_ch, C, g, init_scale=0.0))
         self.all_modules = nn.ModuleList(modules)
+        if num_classes is not None:
+            self.label_embed = LabelEmbedding(num_classes, temb_dim)
 
     @classmethod
     def from_config(cls, config, seed: int = 0) -> "DDPM":
@@ -171,8 +181,9 @@ class DDPM(nn.Module):
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, nf={self.nf}, ch_mult={self.ch_mult}, num_res_blocks={self.num_res_blocks}"
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Raw network output for ``x`` ``(B, C, H, W)`` at time inputs ``labels`` ``(B,)``; shape of ``x``."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw network output for ``x`` ``(B, C, H, W)`` at time inputs ``labels`` ``(B,)`` and classes ``class_labels``
+        ``(B,)`` (``None``: the null class); shape of ``x``."""
         if x.dim() != 4 or x.shape[1] != self.num_channels:
             raise ValueError(f"x must have shape (B, C, H, W) with C = num_channels = {self.num_channels}; got {tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
@@ -180,12 +191,15 @@ class DDPM(nn.Module):
         if not torch.is_tensor(labels) or labels.shape != (x.shape[0],):
             shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
             raise ValueError(f"labels must have shape (B,) = ({x.shape[0]},); got {shape}")
+        check_class_labels(class_labels, self.num_classes, x.shape[0], type(self).__name__)
         mods = iter(self.all_modules)
         nxt = lambda: next(mods)  # noqa: E731
         act = self.act
         temb = L.timestep_embedding(labels, self.nf, dtype=x.dtype)
         temb = nxt()(temb)
         temb = nxt()(act(temb))
+        if self.num_classes is not None:
+            temb = temb + self.label_embed(class_labels, x.shape[0])
         h = x if self.centered else 2 * x - 1.0
         hs = [nxt()(h)]
         n_res = self.num_resolutions

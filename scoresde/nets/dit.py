@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import _check_dim, dense, make_time_embedding
+from .layers import LabelEmbedding, _check_dim, check_class_labels, dense, make_time_embedding
 from .mlp import _check_dropout
 
 __all__ = ["DiT", "PRESETS", "patchify", "unpatchify", "sincos_pos_embed_2d"]
@@ -212,9 +212,7 @@ class DiT(nn.Module):
         self.t_embed = make_time_embedding(time_embedding, d, fourier_scale, seed)
         self.t_mlp = nn.Sequential(dense(d, d, g), nn.SiLU(), dense(d, d, g))
         if num_classes is not None:
-            self.y_embedder = nn.utils.skip_init(nn.Embedding, num_classes + 1, d)
-            with torch.no_grad():
-                self.y_embedder.weight.normal_(0.0, 0.02, generator=g)
+            self.y_embedder = LabelEmbedding(num_classes, d, g, std=0.02)
         self.blocks = nn.ModuleList(DiTBlock(d, num_heads, mlp_ratio, dropout, g) for _ in range(depth))
         self.final_layer = FinalLayer(d, p * p * C, g)
 
@@ -225,19 +223,13 @@ class DiT(nn.Module):
         if not torch.is_tensor(t_in) or t_in.shape != (x.shape[0],):
             shape = tuple(t_in.shape) if torch.is_tensor(t_in) else type(t_in).__name__
             raise ValueError(f"t_in must have shape (B,) = ({x.shape[0]},); got {shape}")
-        if class_labels is not None:
-            if self.num_classes is None:
-                raise ValueError("class_labels needs a network built with num_classes set (this DiT is unconditional)")
-            if not torch.is_tensor(class_labels) or class_labels.shape != (x.shape[0],) or class_labels.dtype.is_floating_point:
-                raise ValueError(f"class_labels must be an integer tensor of shape (B,) = ({x.shape[0]},); got {class_labels!r}")
+        check_class_labels(class_labels, self.num_classes, x.shape[0], "DiT")
 
     def condition(self, t_in: torch.Tensor, class_labels: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """``c = temb(t_in) [+ y_emb(class_labels or the null class)]``: ``(B,) -> (B, d)``."""
         c = self.t_mlp(self.t_embed(t_in.to(dtype)))
         if self.num_classes is not None:
-            if class_labels is None:
-                class_labels = torch.full(t_in.shape, self.num_classes, dtype=torch.long, device=t_in.device)
-            c = c + self.y_embedder(class_labels.long())
+            c = c + self.y_embedder(class_labels, t_in.shape[0])
         return c
 
     def forward(self, x: torch.Tensor, t_in: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:

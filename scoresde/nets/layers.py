@@ -1,4 +1,4 @@
-"""Building blocks shared by the score networks: seeded initialisation and time embeddings.
+"""Building blocks shared by the score networks: seeded initialisation, time embeddings and the class embedding.
 
 Initialisation is explicit and seeded: every weight is drawn from a ``torch.Generator``
 passed in by the network's constructor (``seed`` argument), so the same seed gives the same
@@ -15,6 +15,7 @@ residual blocks start as the identity and the network's output starts near zero.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ __all__ = [
     "group_count",
     "SinusoidalEmbedding",
     "GaussianFourierEmbedding",
+    "LabelEmbedding",
+    "check_class_labels",
     "ZERO_INIT_SCALE",
 ]
 
@@ -176,3 +179,65 @@ def make_time_embedding(kind: str, dim: int, fourier_scale: float, seed: int) ->
     if kind == "fourier":
         return GaussianFourierEmbedding(dim, scale=fourier_scale, seed=seed)
     raise ValueError(f"time_embedding must be one of 'sinusoidal', 'fourier'; got {kind!r}")
+
+
+def _integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_class_labels(class_labels, num_classes: Optional[int], batch: int, owner: str) -> None:
+    """Validate a network's ``class_labels`` input: ``None``, or an integer tensor of shape ``(batch,)`` with values in
+    ``[0, num_classes]`` (``num_classes`` is the null label). ``ValueError`` naming ``num_classes`` when the network
+    ``owner`` (its class name) is unconditional (``num_classes`` None), naming ``class_labels`` otherwise.
+
+    The range check reads the labels' min and max (one device sync); it is skipped while tracing or compiling.
+    """
+    if class_labels is None:
+        return
+    if num_classes is None:
+        raise ValueError(f"class_labels needs a network built with num_classes set (this {owner} is unconditional)")
+    if not torch.is_tensor(class_labels) or class_labels.shape != (batch,) or not _integer_dtype(class_labels.dtype):
+        got = (f"a {class_labels.dtype} tensor of shape {tuple(class_labels.shape)}" if torch.is_tensor(class_labels)
+               else type(class_labels).__name__)
+        raise ValueError(f"class_labels must be an integer tensor of shape (B,) = ({batch},); got {got}")
+    if batch and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.aminmax(class_labels))
+        if lo < 0 or hi > num_classes:
+            raise ValueError(f"class_labels must lie in [0, num_classes] = [0, {num_classes}] (label {num_classes} is the "
+                             f"null class); got values in [{lo}, {hi}]")
+
+
+class LabelEmbedding(nn.Embedding):
+    """Learned class embedding with a null class, added to a network's time embedding (classifier-free guidance).
+
+    A table ``E`` of ``num_classes + 1`` rows of width ``dim``: label ``k`` in ``[0, num_classes)`` is class ``k``, the
+    last row (label ``num_classes``) is the *null class* (unconditional). ``forward(class_labels (B,) or None, batch)
+    -> E[class_labels] (B, dim)``; ``None`` means the null class for every sample. Parameter name ``weight`` (an
+    ``nn.Embedding``). Validate the labels first with ``check_class_labels``.
+
+    Initialisation: ``std = 0`` (default) gives zero rows, so a fresh conditional network computes exactly the
+    unconditional one (the table draws nothing from ``generator``, so every other weight is the same as without it);
+    the table enters additively, so its gradient does not depend on its value and the rows train from the first step.
+    ``std > 0`` draws ``N(0, std^2)`` from ``generator`` (DiT: 0.02).
+    """
+
+    def __init__(self, num_classes: int, dim: int, generator: Optional[torch.Generator] = None, std: float = 0.0):
+        num_classes = _check_dim("num_classes", num_classes)
+        _check_dim("dim", dim)
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not (math.isfinite(std) and std >= 0):
+            raise ValueError(f"std must be a finite number >= 0; got {std!r}")
+        super().__init__(num_classes + 1, dim, _weight=torch.zeros(num_classes + 1, dim))
+        self.num_classes = num_classes
+        if std > 0:
+            with torch.no_grad():
+                self.weight.normal_(0.0, float(std), generator=generator)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes} (+1 null), dim={self.embedding_dim}"
+
+    def forward(self, class_labels: Optional[torch.Tensor], batch: Optional[int] = None) -> torch.Tensor:
+        if class_labels is None:
+            if batch is None:
+                raise ValueError("batch must be given when class_labels is None (the null class for every sample)")
+            class_labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=self.weight.device)
+        return super().forward(class_labels.long())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
-from .layers import ZERO_INIT_SCALE, _check_dim, dense, make_time_embedding
+from .layers import ZERO_INIT_SCALE, LabelEmbedding, _check_dim, check_class_labels, dense, make_time_embedding
 
 __all__ = ["MLPScoreNet"]
 
@@ -42,8 +44,12 @@ class MLPScoreNet(nn.Module):
     Weights are drawn from ``torch.Generator().manual_seed(seed)``. Dropout (training mode) uses
     torch's global random state.
 
-    ``forward(x (B, dim), t_in (B,)) -> (B, dim)``; ``t_in`` is the network time of
-    ``ScoreModel.net_time`` (e.g. ``999 t`` or ``sigma(t)``).
+    Class conditioning (``num_classes = K`` set): ``temb <- temb + E[y]`` with ``E`` a ``LabelEmbedding``
+    (``K + 1`` rows of width ``hidden``, the last the null class; zero rows at initialisation, so a fresh
+    conditional net equals the unconditional one of the same seed). ``num_classes=None``: no table, no new parameters.
+
+    ``forward(x (B, dim), t_in (B,), class_labels (B,) int in [0, K] or None) -> (B, dim)``; ``t_in`` is the network
+    time of ``ScoreModel.net_time`` (e.g. ``999 t`` or ``sigma(t)``); ``class_labels=None`` is the null class.
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class MLPScoreNet(nn.Module):
         embed_dim: int = 64,
         fourier_scale: float = 16.0,
         dropout: float = 0.0,
+        num_classes: Optional[int] = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -63,20 +70,26 @@ class MLPScoreNet(nn.Module):
         _check_dim("depth", depth, 0)
         _check_dim("embed_dim", embed_dim, 2)
         dropout = _check_dropout(dropout)
+        self.num_classes = None if num_classes is None else _check_dim("num_classes", num_classes)
         g = torch.Generator().manual_seed(int(seed))
         self.embed = make_time_embedding(time_embedding, embed_dim, fourier_scale, seed)
         self.temb = nn.Sequential(dense(embed_dim, hidden, g), nn.SiLU(), dense(hidden, hidden, g))
+        if num_classes is not None:
+            self.label_embed = LabelEmbedding(num_classes, hidden)
         self.inp = dense(dim, hidden, g)
         self.blocks = nn.ModuleList(_MLPBlock(hidden, hidden, dropout, g) for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), dense(hidden, dim, g, scale=ZERO_INIT_SCALE))
 
-    def forward(self, x: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_in: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (B, dim) = (B, {self.dim}); got {tuple(x.shape)}")
         if not torch.is_tensor(t_in) or t_in.shape != (x.shape[0],):
             shape = tuple(t_in.shape) if torch.is_tensor(t_in) else type(t_in).__name__
             raise ValueError(f"t_in must have shape (B,) = ({x.shape[0]},); got {shape}")
+        check_class_labels(class_labels, self.num_classes, x.shape[0], type(self).__name__)
         temb = self.temb(self.embed(t_in.to(x.dtype)))
+        if self.num_classes is not None:
+            temb = temb + self.label_embed(class_labels, x.shape[0])
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, temb)

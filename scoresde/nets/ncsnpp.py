@@ -12,6 +12,11 @@ The network time input ``labels`` ``(B,)`` is the reference's: ``999 t`` (contin
 ``log sigma``). With ``scale_by_sigma`` the output is divided by ``sigma`` (``labels`` itself with the
 Fourier embedding, ``sigmas[labels.long()]`` with the positional one), making the raw output a score.
 
+Class conditioning (``num_classes = K``, not in the reference, whose ``conditional`` means conditioning on the noise
+level): ``temb <- temb + E[class_labels]`` after the two Dense layers of the noise embedding, with ``E`` a
+``layers.LabelEmbedding`` (``K + 1`` rows of width ``4 nf``, the last the null class, zero at initialisation) kept
+outside ``all_modules`` as ``label_embed.weight``, so the reference's keys and parameter order are unchanged.
+
 Layout (``L = len(ch_mult)`` levels, side ``image_size / 2^l`` at level ``l``)::
 
     [Fourier W] [Dense, Dense]                time embedding (if conditional)
@@ -25,7 +30,7 @@ Layout (``L = len(ch_mult)`` levels, side ``image_size / 2^l`` at level ``l``)::
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +38,7 @@ from torch import nn
 from .._validate import check_choice, check_int, check_positive
 from . import fir as _fir
 from . import layerspp as L
+from .layers import LabelEmbedding, _check_dim, check_class_labels
 
 __all__ = ["NCSNpp"]
 
@@ -146,10 +152,13 @@ class NCSNpp(nn.Module):
         nonlinearity: ``"swish"``, ``"elu"``, ``"relu"`` or ``"lrelu"``.
         sigma_min, sigma_max, num_scales: the ``sigmas`` buffer (positional ``scale_by_sigma`` looks up
             ``sigmas[labels.long()]``).
+        num_classes: ``None`` (unconditional, the reference's network) or ``K``, the number of classes (module
+            docstring); needs ``conditional=True``.
         seed: weights are drawn from ``torch.Generator().manual_seed(seed)`` (the global RNG is untouched).
 
-    ``forward(x (B, num_channels, H, W), labels (B,)) -> (B, num_channels, H, W)``, with ``H``, ``W``
-    divisible by ``2^(len(ch_mult) - 1)``. Build on ``with torch.device("meta"):`` for a free shape-only copy.
+    ``forward(x (B, num_channels, H, W), labels (B,), class_labels (B,) int in [0, K] or None) -> (B, num_channels,
+    H, W)``, with ``H``, ``W`` divisible by ``2^(len(ch_mult) - 1)``; ``labels`` is the time input (the reference's
+    name), ``class_labels=None`` the null class. Build on ``with torch.device("meta"):`` for a free shape-only copy.
     """
 
     def __init__(
@@ -181,6 +190,7 @@ class NCSNpp(nn.Module):
         sigma_min: float = 0.01,
         sigma_max: float = 50.0,
         num_scales: int = 1000,
+        num_classes: Optional[int] = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -213,6 +223,10 @@ class NCSNpp(nn.Module):
         if not sigma_min < sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
         num_scales = check_int("num_scales", num_scales)
+        self.num_classes = None if num_classes is None else _check_dim("num_classes", num_classes)
+        if num_classes is not None and not conditional:
+            raise ValueError(f"num_classes needs conditional=True (the class embedding is added to the noise embedding "
+                             f"temb, which conditional=False does not build); got num_classes={num_classes}")
         self.num_resolutions = n_res = len(ch_mult)
         self.factor = 2 ** (n_res - 1)
         if image_size % self.factor:
@@ -231,6 +245,8 @@ class NCSNpp(nn.Module):
                 f"nf and ch_mult give a layer whose GroupNorm cannot split its channels ({err}); NCSN++ uses "
                 f"min(C // 4, 32) groups, so use e.g. nf a multiple of 16; got nf={nf}, ch_mult={ch_mult}"
             ) from None
+        if num_classes is not None:
+            self.label_embed = LabelEmbedding(num_classes, 4 * nf)
 
     def _build(self, nonlinearity, dropout, resamp_with_conv, init_scale, fourier_scale, sigma_min, sigma_max,
                num_scales, seed) -> None:
@@ -381,7 +397,7 @@ class NCSNpp(nn.Module):
                 f"progressive={self.progressive!r}, progressive_input={self.progressive_input!r}, "
                 f"scale_by_sigma={self.scale_by_sigma}")
 
-    def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor, class_labels: Optional[torch.Tensor]) -> None:
         if x.dim() != 4 or x.shape[1] != self.num_channels:
             raise ValueError(f"x must have shape (B, C, H, W) with C = num_channels = {self.num_channels}; got {tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
@@ -389,11 +405,13 @@ class NCSNpp(nn.Module):
         if not torch.is_tensor(labels) or labels.shape != (x.shape[0],):
             shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
             raise ValueError(f"labels must have shape (B,) = ({x.shape[0]},); got {shape}")
+        check_class_labels(class_labels, self.num_classes, x.shape[0], type(self).__name__)
 
     # --- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Raw network output for images ``x`` ``(B, C, H, W)`` at time inputs ``labels`` ``(B,)``; shape of ``x``."""
-        self._check_inputs(x, labels)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Raw network output for images ``x`` ``(B, C, H, W)`` at time inputs ``labels`` ``(B,)`` and classes
+        ``class_labels`` ``(B,)`` (``None``: the null class); shape of ``x``."""
+        self._check_inputs(x, labels, class_labels)
         mods = iter(self.all_modules)
         nxt = lambda: next(mods)  # noqa: E731
         act = self.act
@@ -406,6 +424,8 @@ class NCSNpp(nn.Module):
         if self.conditional:
             temb = nxt()(temb)
             temb = nxt()(act(temb))
+            if self.num_classes is not None:
+                temb = temb + self.label_embed(class_labels, x.shape[0])
         else:
             temb = None
         if not self.centered:

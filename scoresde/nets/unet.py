@@ -18,20 +18,22 @@ Resampling: with ``resblock_updown`` (default; DDPM++ and NCSN++ use BigGAN-styl
 ResBlock that average-pools / nearest-upsamples inside; otherwise DDPM's Downsample (stride-2 conv
 if ``resamp_with_conv`` else 2x2 average pool) and Upsample (nearest, then conv3x3 if ``resamp_with_conv``).
 Time embedding: ``temb = Dense(SiLU(Dense(emb(t_in))))`` with ``emb`` sinusoidal (``ch`` wide) or
-Gaussian Fourier (``2 ch`` wide, as NCSN++), ``temb`` ``4 ch`` wide.
+Gaussian Fourier (``2 ch`` wide, as NCSN++), ``temb`` ``4 ch`` wide. Class conditioning (``num_classes = K``):
+``temb <- temb + E[y]`` with ``E`` a ``layers.LabelEmbedding`` (``K + 1`` rows, the last the null class, zero at
+initialisation), before every block's ``Dense(SiLU(temb))``.
 """
 
 from __future__ import annotations
 
 import math
-
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import ZERO_INIT_SCALE, _check_dim, conv2d, dense, group_count, make_time_embedding
+from .layers import (ZERO_INIT_SCALE, LabelEmbedding, _check_dim, check_class_labels, conv2d, dense, group_count,
+                     make_time_embedding)
 from .mlp import _check_dropout
 
 __all__ = ["UNet"]
@@ -154,9 +156,12 @@ class UNet(nn.Module):
         resamp_with_conv: conv in DDPM-style resampling (only used when ``resblock_updown=False``).
         num_groups: maximum GroupNorm groups (adapted by ``group_count`` for small channel counts).
         resblock_updown: resample with BigGAN-style ResBlocks (DDPM++/NCSN++) instead of Down/Upsample.
+        num_classes: ``None`` (unconditional: no table, no new parameters) or ``K``, the number of classes: a
+            ``LabelEmbedding`` of ``K + 1`` rows of width ``4 ch`` (the last row, label ``K``, the null class).
         seed: weights are drawn from ``torch.Generator().manual_seed(seed)``.
 
-    ``forward(x (B, C, H, W), t_in (B,)) -> (B, C, H, W)``; ``H`` and ``W`` divisible by ``2^(len(ch_mult)-1)``.
+    ``forward(x (B, C, H, W), t_in (B,), class_labels (B,) int in [0, K] or None) -> (B, C, H, W)``; ``H`` and ``W``
+    divisible by ``2^(len(ch_mult)-1)``; ``class_labels=None`` is the null class.
 
     Sizes (parameters, 3 x 32 x 32, ch 128, ch_mult (1,2,2,2), attention at 16): num_res_blocks=4 (DDPM++ cont.)
     61.8M; 8 (deep) 106.6M; num_res_blocks=2 with ``resblock_updown=False`` (DDPM-like) 35.2M.
@@ -178,6 +183,7 @@ class UNet(nn.Module):
         resamp_with_conv: bool = True,
         num_groups: int = 32,
         resblock_updown: bool = True,
+        num_classes: Optional[int] = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -192,6 +198,7 @@ class UNet(nn.Module):
         for name, flag in (("skip_rescale", skip_rescale), ("resamp_with_conv", resamp_with_conv), ("resblock_updown", resblock_updown)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool; got {flag!r}")
+        self.num_classes = None if num_classes is None else _check_dim("num_classes", num_classes)
         self.factor = 2 ** (len(self.ch_mult) - 1)
         if image_size % self.factor:
             raise ValueError(
@@ -203,6 +210,8 @@ class UNet(nn.Module):
         embed_dim = ch if time_embedding == "sinusoidal" else 2 * ch
         self.embed = make_time_embedding(time_embedding, embed_dim, fourier_scale, seed)
         self.temb = nn.Sequential(dense(embed_dim, temb_dim, g), nn.SiLU(), dense(temb_dim, temb_dim, g))
+        if num_classes is not None:
+            self.label_embed = LabelEmbedding(num_classes, temb_dim)
 
         def res(i, o, **kw):
             return ResBlock(i, o, temb_dim, dropout, skip_rescale, num_groups, g, **kw)
@@ -245,7 +254,7 @@ class UNet(nn.Module):
         self.conv_out = conv2d(c, in_channels, 3, g, scale=ZERO_INIT_SCALE)
         self.act = nn.SiLU()
 
-    def forward(self, x: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_in: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (B, C, H, W) with C = in_channels = {self.in_channels}; got {tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
@@ -255,7 +264,10 @@ class UNet(nn.Module):
         if not torch.is_tensor(t_in) or t_in.shape != (x.shape[0],):
             shape = tuple(t_in.shape) if torch.is_tensor(t_in) else type(t_in).__name__
             raise ValueError(f"t_in must have shape (B,) = ({x.shape[0]},); got {shape}")
+        check_class_labels(class_labels, self.num_classes, x.shape[0], type(self).__name__)
         temb = self.temb(self.embed(t_in.to(x.dtype)))
+        if self.num_classes is not None:
+            temb = temb + self.label_embed(class_labels, x.shape[0])
         h = self.conv_in(x)
         hs = [h]
         for level in self.down:
