@@ -4,7 +4,8 @@ A trained run leaves the toolkit in two forms, both built from the EMA network (
 
 * **ONNX** (``export_onnx``): the graph ``(x (B, *shape), t (B,)) -> out (B, *shape)`` with ``t`` the SDE time in
   ``[0, T]`` (the network time ``999 t`` / ``sigma(t)`` is computed inside the graph, ``ScoreModel.net_time``) and a
-  dynamic batch axis. ``output`` chooses what ``out`` is: ``"net"`` the raw network output (its meaning is the
+  dynamic batch axis; a class-conditional model (``num_classes`` set) takes a third input ``class_labels (B,)`` int64 in
+  ``[0, num_classes]`` (``num_classes`` is the null class: unconditional). ``output`` chooses what ``out`` is: ``"net"`` the raw network output (its meaning is the
   model's ``parameterization``, stored in the metadata), or ``"score"`` / ``"eps"`` / ``"x0"`` (``ScoreModel.score_fn`` /
   ``eps_fn`` / ``denoise_fn``). Opset ``ONNX_OPSET = 17`` (LayerNormalization is a native op from 17; onnxruntime
   >= 1.14 runs it), exported by torch's TorchScript-based exporter (``dynamo=False``, which needs no onnxscript).
@@ -60,18 +61,26 @@ def _check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {tuple(allowed)}; got {value!r}")
 
 
-class _TimeGraph(nn.Module):
-    """The exported function of ``ScoreModel`` ``model``: ``(x (B, ...), t (B,)) -> (B, ...)`` (module docstring).
+def _num_classes(model: ScoreModel) -> Optional[int]:
+    """The network's ``num_classes`` (``None``: unconditional)."""
+    return getattr(model.net, "num_classes", None)
 
-    No range check on ``t`` (a graph has none): ``t`` must lie in ``[0, T]``."""
+
+class _TimeGraph(nn.Module):
+    """The exported function of ``ScoreModel`` ``model``: ``(x (B, ...), t (B,)[, class_labels (B,)]) -> (B, ...)``
+    (module docstring).
+
+    No range check on ``t`` or ``class_labels`` (a graph has none): ``t`` must lie in ``[0, T]``, the labels in
+    ``[0, num_classes]``."""
 
     def __init__(self, model: ScoreModel, output: str):
         super().__init__()
         self.model, self.output = model, output
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         m = self.model
-        out = m.net(x, m.net_time(t))
+        t_in = m.net_time(t)
+        out = m.net(x, t_in) if class_labels is None else m.net(x, t_in, class_labels=class_labels)
         if self.output == "net":
             return out
         mc, s = m.coefs(t)
@@ -106,11 +115,13 @@ def _as_model(model_or_run, ema: bool = True) -> ScoreModel:
 @torch.no_grad()
 def export_onnx(model: Union[ScoreModel, str, Path], path, output: str = "net", opset: int = ONNX_OPSET,
                 example_batch: int = 2) -> Path:
-    """Write the ONNX graph ``(x (B, *shape), t (B,)) -> out (B, *shape)`` of a score model (module docstring).
+    """Write the ONNX graph ``(x (B, *shape), t (B,)[, class_labels (B,)]) -> out (B, *shape)`` of a score model
+    (module docstring).
 
     ``model``: a ``ScoreModel`` (with ``.spec``, as ``build_model`` / ``load`` give it) or a run directory or checkpoint
-    file, of which the EMA weights are exported. Inputs ``"x"`` (float32) and ``"t"`` (float32, the SDE time in
-    ``[0, T]``), output ``"out"``; axis 0 of each is the dynamic ``"batch"``. ``output``: one of ``OUTPUTS``.
+    file, of which the EMA weights are exported. Inputs ``"x"`` (float32), ``"t"`` (float32, the SDE time in
+    ``[0, T]``) and, for a class-conditional model, ``"class_labels"`` (int64 in ``[0, num_classes]``, the last the
+    null class); output ``"out"``; axis 0 of each is the dynamic ``"batch"``. ``output``: one of ``OUTPUTS``.
     ``opset``: the ONNX opset (>= 17, the default). Exported in float32 on the CPU from a copy (``model`` is untouched).
     Returns ``path``.
     """
@@ -129,22 +140,34 @@ def export_onnx(model: Union[ScoreModel, str, Path], path, output: str = "net", 
     g = torch.Generator().manual_seed(0)
     x = torch.randn((example_batch, *shape), generator=g)
     t = torch.rand(example_batch, generator=g) * model.sde.T
+    num_classes = _num_classes(model)
+    args, names = (x, t), ["x", "t"]
+    if num_classes is not None:
+        args, names = (x, t, torch.randint(0, num_classes + 1, (example_batch,), generator=g)), names + ["class_labels"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         _register_symbolics(opset)
-        torch.onnx.export(graph, (x, t), str(path), dynamo=False, opset_version=opset, input_names=["x", "t"],
-                          output_names=["out"], dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "out": {0: "batch"}})
+        torch.onnx.export(graph, args, str(path), dynamo=False, opset_version=opset, input_names=names,
+                          output_names=["out"], dynamic_axes={**{n: {0: "batch"} for n in names}, "out": {0: "batch"}})
     proto = onnx.load(str(path))
     meta = {"scoresde_spec": json.dumps(spec), "output": output, "parameterization": model.parameterization,
-            "opset": str(opset), "inputs": "x: (batch, *data_shape) float32; t: (batch,) float32 SDE time in [0, T]"}
+            "opset": str(opset), "inputs": _inputs_note(num_classes)}
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
+
+
+def _inputs_note(num_classes: Optional[int]) -> str:
+    """The graph's inputs in words (metadata ``inputs``)."""
+    note = "x: (batch, *data_shape) float32; t: (batch,) float32 SDE time in [0, T]"
+    if num_classes is not None:
+        note += f"; class_labels: (batch,) int64 in [0, {num_classes}] ({num_classes} = the null class, unconditional)"
+    return note
 
 
 def quantize_onnx(src, dst) -> Path:
@@ -322,8 +345,7 @@ def run_export(options: ExportOptions, outdir=None) -> dict:
         (out / CONFIG_NAME).write_text(json.dumps(model.spec, indent=2) + "\n")
         step = load_checkpoint(build.find_checkpoint(o.ckpt), map_location="cpu").get("step")
         card = model_card(model.spec, _metrics(_run_dir(o.ckpt)), step, sum(p.numel() for p in model.parameters()))
-        card += (f"\nONNX: `{ONNX_NAME}`, opset {o.opset}, inputs `x` (batch, *data_shape) float32 and `t` (batch,) float32 "
-                 f"(SDE time in [0, T]), output `out` = {o.output}"
+        card += (f"\nONNX: `{ONNX_NAME}`, opset {o.opset}, inputs {_inputs_note(_num_classes(model))}; output `out` = {o.output}"
                  + (f" (the network's raw output; parameterisation {model.parameterization})" if o.output == "net" else "") + ".\n")
         (out / CARD_NAME).write_text(card)
         files += [CONFIG_NAME, CARD_NAME]

@@ -1,5 +1,5 @@
 """Class-conditional score networks (``num_classes`` / ``class_labels``): shapes, the null class, unconditional nets
-unchanged, label checks, ``build_net`` / ``load`` round trips."""
+unchanged, label checks, ``build_net`` / ``load`` round trips, and the ONNX / safetensors export of a conditional model."""
 
 import pytest
 import torch
@@ -313,5 +313,80 @@ def test_spec_build_and_load_round_trip(name, sde, tmp_path):
     assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4) * 0.9 + 0.05, torch.tensor([3, 0, 1, 2])
     model.eval()
+    with torch.no_grad(), model.conditioned(class_labels=y), got.conditioned(class_labels=y):
+        assert torch.equal(got.score_fn(x, t), model.score_fn(x, t))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# export: ONNX with a class_labels input, safetensors + config.json
+# --------------------------------------------------------------------------------------------------------------------
+def _conditional_run(tmp_path, name, sde=None):
+    spec = build.model_spec(sde or VPSDE(), name, {**BUILD_KWARGS[name], "num_classes": K}, (1, 8, 8), seed=0,
+                            data={"options": {"name": "digits"}, "centered": True, "levels": 17})
+    model = randomize_(build.build_model(spec), seed=3).eval()
+    save_checkpoint(tmp_path / "checkpoint.pt", {"ema": {"module": model.state_dict()}, "spec": spec, "step": 7})
+    return model
+
+
+@pytest.mark.parametrize("name, output", [("convnet", "net"), ("mlp", "score"), ("dit", "eps")])
+def test_onnx_export_takes_class_labels(tmp_path, name, output):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from scoresde.export import export_onnx, onnx_session
+
+    model = _conditional_run(tmp_path, name)
+    path = export_onnx(model, tmp_path / "model.onnx", output=output)
+    proto = onnx.load(str(path))
+    ins = {i.name: i for i in proto.graph.input}
+    assert list(ins) == ["x", "t", "class_labels"]
+    assert ins["class_labels"].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert ins["class_labels"].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert "class_labels" in {p.key: p.value for p in proto.metadata_props}["inputs"]
+    sess = onnx_session(path, threads=1)
+    fn = {"net": model, "score": model.score_fn, "eps": model.eps_fn}[output]  # model(x, t): the raw network output
+    for batch in (1, 5):  # a batch size other than the traced one (dynamic axis)
+        g = torch.Generator().manual_seed(batch)
+        x, t = torch.randn(batch, 1, 8, 8, generator=g), torch.rand(batch, generator=g) * 0.9 + 0.05
+        y = torch.randint(0, K + 1, (batch,), generator=g)
+        got = torch.from_numpy(sess.run(["out"], {"x": x.numpy(), "t": t.numpy(), "class_labels": y.numpy()})[0])
+        with torch.no_grad(), model.conditioned(class_labels=y):
+            ref = fn(x, t)
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+    # the null label in the graph is the unconditional output of the model
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    got = sess.run(["out"], {"x": x.numpy(), "t": t.numpy(), "class_labels": torch.full((2,), K).numpy()})[0]
+    with torch.no_grad():
+        ref = fn(x, t)
+    assert float((torch.from_numpy(got) - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_onnx_export_of_an_unconditional_model_has_two_inputs(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from scoresde.export import export_onnx
+
+    spec = build.model_spec(VPSDE(), "convnet", BUILD_KWARGS["convnet"], (1, 8, 8))
+    path = export_onnx(build.build_model(spec).eval(), tmp_path / "m.onnx")
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["x", "t"]
+
+
+def test_safetensors_round_trip_of_a_conditional_model(tmp_path):
+    pytest.importorskip("safetensors")
+    import json
+
+    from scoresde.export import export_safetensors
+
+    model = _conditional_run(tmp_path / "run", "convnet")
+    out = export_safetensors(tmp_path / "run", tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["net"]["kwargs"]["num_classes"] == K
+    got, _ = load(out)
+    assert got.net.num_classes == K
+    ref, new = model.state_dict(), got.state_dict()
+    assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 1, 2, 3])
     with torch.no_grad(), model.conditioned(class_labels=y), got.conditioned(class_labels=y):
         assert torch.equal(got.score_fn(x, t), model.score_fn(x, t))
