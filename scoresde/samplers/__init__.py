@@ -43,3 +43,5 @@ __all__ = [
 ]
 from .guidance import cfg_score_fn, classifier_guided_score_fn, model_label_score  # noqa: E402
 __all__ += ["cfg_score_fn", "classifier_guided_score_fn", "model_label_score"]
+from .inpaint import COLORIZATION_MATRIX, INPAINT_METHODS, ODE_STEPS, colorization_matrix, colorize, inpaint  # noqa: E402
+__all__ += ["inpaint", "colorize", "colorization_matrix", "COLORIZATION_MATRIX", "INPAINT_METHODS", "ODE_STEPS"]
