@@ -18,6 +18,10 @@ Round 0 (``teacher_steps_per_step = 1``) fits the student to the teacher's own d
 ``start_steps``; each later round halves the steps, the student starting from (and the teacher being) the previous
 round's EMA weights. The teacher is any data prediction ``x_hat(z, t)``: a ``ScoreModel``'s ``denoise_fn`` or
 Tweedie's formula on any ``score_fn`` (``teacher_from_score``), e.g. the Gaussian-mixture oracle's exact score.
+``run_distill`` takes either the oracle or a trained run (``load_teacher_run``): then the student is the teacher's
+network class started from the teacher's weights (Salimans & Ho 2022), trained on the run's training split on the
+model's scale (``teacher_training_data``) and judged like the run's own samples (Fréchet distance and precision /
+recall with their floors on images).
 
 Each round is one ``scoresde.train.train`` call in ``workdir/round_<k>``, so a stopped distillation resumes exactly
 (bitwise on CPU) from the last checkpoint; finished rounds are reloaded from their ``checkpoint.pt``.
@@ -48,6 +52,7 @@ __all__ = [
     "Student", "PARAMETERIZATIONS", "GRID_SCHEDULES", "distill_grid", "teacher_from_score", "progressive_loss", "one_step_target",
     "sample_student", "ProgressiveOptions", "progressive_distillation", "DistillOptions", "run_distill", "mixture_2d",
     "ConsistencyModel", "consistency_loss", "ct_schedule", "sample_consistency", "teacher_eps_from_score", "consistency_times",
+    "ict_schedule", "lognormal_interval_probs", "improved_ct_loss", "TeacherRun", "load_teacher_run", "teacher_training_data", "student_network", "quality_scorer", "evaluate_sets", "TEACHERS", "NON_DEFINING",
 ]
 
 PARAMETERIZATIONS = ("v", "x")
@@ -228,9 +233,11 @@ def _ema_module(result) -> nn.Module:
 
 def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data: torch.Tensor, options: ProgressiveOptions,
                              workdir, eval_fn: Optional[Callable[[nn.Module, int], dict]] = None, progress: bool = False,
-                             resume: bool = True) -> list[dict]:
+                             resume: bool = True, prepare: Optional[Callable] = None) -> list[dict]:
     """Run every round of ``options.rounds()`` (module docstring); ``student`` is trained in place and ends as the last
-    round's EMA student. ``data (N, *dims)``: the examples ``x`` the noisy inputs are made from.
+    round's EMA student. ``data (N, *dims)``: the examples ``x`` the noisy inputs are made from; ``prepare(batch,
+    generator) -> x`` (``scoresde.train``'s): turns a raw batch into such examples, e.g. dequantises integer images
+    (``None``: ``data`` are used as they are).
     ``eval_fn(student_ema, steps) -> dict``, when given, is called after each round. Returns one record per round:
     ``{"round", "steps", "teacher_per_step", "train_steps", "seconds", **eval}`` (``seconds`` of this call's
     training; 0 for a round reloaded finished)."""
@@ -244,7 +251,8 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
     for k, (steps, per) in enumerate(options.rounds()):
         loss_fn = progressive_loss(teacher, sde, steps, per, options.eps, options.schedule)
         t0 = time.perf_counter()
-        result = train(student, loss_fn, data, options.train, workdir / f"round_{k:02d}", resume=resume, progress=progress)
+        result = train(student, loss_fn, data, options.train, workdir / f"round_{k:02d}", prepare=prepare, resume=resume,
+                       progress=progress)
         seconds = time.perf_counter() - t0
         ema = _ema_module(result)
         student.load_state_dict(ema.state_dict())  # the next round's student starts from this round's EMA weights
@@ -367,6 +375,56 @@ def consistency_loss(cm: ConsistencyModel, teacher_eps: Optional[X0Fn], N: int =
     return loss_fn
 
 
+def ict_schedule(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
+    """Improved consistency training's doubling curriculum (Song & Dhariwal 2023, eq. 8): ``N(k) = min(s0 2^floor(k / K'),
+    s1) + 1`` grid points with ``K' = floor(K / (log2 floor(s1 / s0) + 1))``."""
+    Kp = max(1, math.floor(K / (math.log2(math.floor(s1 / s0)) + 1)))
+    return min(s0 * 2 ** (k // Kp), s1) + 1
+
+
+def lognormal_interval_probs(sigma: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """``p(n) ∝ erf((log sigma_n - P_mean) / (sqrt 2 P_std)) - erf((log sigma_{n+1} - P_mean) / (sqrt 2 P_std))`` for the
+    ``N - 1`` intervals of a decreasing grid ``sigma (N,)``: the lognormal noise distribution of Song & Dhariwal 2023
+    (eq. 10) put on the grid; sums to 1."""
+    e = torch.erf((torch.log(sigma) - p_mean) / (math.sqrt(2.0) * p_std))
+    p = (e[:-1] - e[1:]).clamp_min(0)
+    return p / p.sum()
+
+
+def improved_ct_loss(cm: ConsistencyModel, K: int, s0: int = 10, s1: int = 1280, p_mean: float = -1.1, p_std: float = 2.0):
+    """``loss_fn(cm, x, generator)`` of improved consistency training (Song & Dhariwal 2023), no teacher::
+
+        N = N(k) (ict_schedule),  n ~ lognormal_interval_probs(sigma),  x_hi = x + sigma_n z,  x_lo = x + sigma_{n+1} z
+        L = mean  (sqrt(|f_theta(x_hi, t_n) - sg[f_theta](x_lo, t_{n+1})|^2 + c^2) - c) / (sigma_n - sigma_{n+1})
+
+    with the pseudo-Huber constant ``c = 0.00054 sqrt(d)`` (``d`` = dimensions per sample) and the target the online
+    network itself without gradient (no EMA target: ``theta^- = stopgrad(theta)``); Karras' grid of ``N`` points from
+    ``T`` to ``cm.eps`` as in ``consistency_loss``. ``cm.k`` counts the calls (resumable); ``cm.target`` is not used."""
+    check_int("K", K)
+    cache = {}
+
+    def loss_fn(model: ConsistencyModel, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n_pts = ict_schedule(int(model.k), K, s0, s1)
+        model.k += 1
+        if n_pts not in cache:
+            g, m, s, sig = _sigma_grid(model.sde, n_pts, model.eps)
+            cache[n_pts] = (g, sig, lognormal_interval_probs(sig, p_mean, p_std))
+        g, sig, probs = (v.to(device=x.device, dtype=x.dtype) for v in cache[n_pts])
+        B = x.shape[0]
+        n = torch.multinomial(probs, B, replacement=True, generator=generator)
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        b = lambda v, j: batch_broadcast(v[n + j], x)  # noqa: E731
+        with torch.no_grad():
+            target = model._f(model.net, x + b(sig, 1) * z, g[n + 1])
+        d = x[0].numel()
+        c = 0.00054 * math.sqrt(d)
+        sq = (model(x + b(sig, 0) * z, g[n]) - target).pow(2).reshape(B, -1).sum(1)
+        w = 1.0 / (sig[n] - sig[n + 1])
+        return (w * (torch.sqrt(sq + c * c) - c)).mean()
+
+    return loss_fn
+
+
 @torch.no_grad()
 def sample_consistency(cm: ConsistencyModel, shape, generator: Optional[torch.Generator] = None, times=(), device=None,
                        dtype=torch.float32) -> tuple[torch.Tensor, int]:
@@ -398,6 +456,114 @@ def teacher_eps_from_score(score_fn, sde: SDE) -> X0Fn:
     return eps
 
 
+# --- a trained run as the teacher ----------------------------------------------------------------------------
+@dataclass
+class TeacherRun:
+    """A trained ``scoresde-train`` run loaded as a distillation teacher (``load_teacher_run``).
+
+    ``model``: the run's ``ScoreModel`` (EMA weights, eval mode, no gradients); its ``denoise_fn`` is the teacher's data
+    prediction ``x_hat(z, t)`` and its ``eps_fn`` the teacher's ``eps_hat``. ``data``: the run's ``runs.DataOptions``,
+    ``levels``: grey levels of discrete data (``None``: continuous), ``seed``: the run's seed, ``checkpoint``: the file
+    loaded, ``step`` / ``run_hash``: what identifies those weights (a distillation workdir records them)."""
+
+    model: nn.Module
+    data: object
+    levels: Optional[int]
+    seed: int
+    checkpoint: Path
+    step: Optional[int]
+    run_hash: Optional[str]
+
+    @property
+    def sde(self) -> SDE:
+        return self.model.sde
+
+    @property
+    def shape(self) -> tuple:
+        """Per-sample data shape, e.g. ``(1, 8, 8)``."""
+        return tuple(int(s) for s in self.model.spec["data_shape"])
+
+    def identity(self) -> dict:
+        return {"step": self.step, "run_hash": self.run_hash}
+
+
+def load_teacher_run(path, device=None) -> TeacherRun:
+    """Load a trained run (a ``scoresde-train`` run directory or one of its checkpoint files) as a teacher with
+    ``scoresde.load`` (the checkpoint that the run's own evaluation uses, EMA weights).
+
+    The student copies the teacher's network and sees its time input ``999 t``, so the teacher must be a continuous-time
+    VP or sub-VP model (``ValueError`` naming ``teacher_run`` otherwise, and when the checkpoint carries no data entry)."""
+    from .build import find_checkpoint, load
+    from .checkpoint import load_checkpoint
+    from .runs import DataOptions
+
+    file = find_checkpoint(path)
+    model, sde = load(file, device=device)
+    if not isinstance(sde, (VPSDE, SubVPSDE)) or not model.continuous:
+        raise ValueError(f"teacher_run must be a continuous-time VP or sub-VP model (the student is a DDIM student with network "
+                         f"time 999 t); {str(path)!r} holds a {type(sde).__name__}, continuous={model.continuous}")
+    entry = (model.spec or {}).get("data") or {}
+    if "options" not in entry:
+        raise ValueError(f"teacher_run: checkpoint {str(file)!r} names no training data (its spec has no data entry); "
+                         "give a run directory written by scoresde-train")
+    model.requires_grad_(False)
+    state = load_checkpoint(file, map_location="cpu", mmap=True)
+    return TeacherRun(model=model, data=DataOptions(**entry["options"]), levels=entry.get("levels"), seed=int(model.spec.get("seed", 0)),
+                      checkpoint=file, step=state.get("step"), run_hash=state.get("run_hash"))
+
+
+def teacher_training_data(teacher: TeacherRun, dtype=torch.float32) -> tuple[torch.Tensor, Callable]:
+    """The run's training split (raw, e.g. integer images ``(N, C, H, W)``) and ``prepare(batch, generator)`` that puts a
+    batch on the model's scale as the run's training did (``runs.make_prepare``: uniform dequantisation of discrete data,
+    flips if the run used them), without the noise-mixture augmentation (students learn the clean data)."""
+    from .runs import load_split, make_prepare
+
+    data = dataclasses.replace(teacher.data, noise_mixture_prob=0.0)
+    ds = load_split(data, "train", seed=teacher.seed)
+    return ds.x, make_prepare(data, ds.levels, dtype)
+
+
+def student_network(teacher: TeacherRun, init: str = "teacher", seed: int = 0) -> nn.Module:
+    """The student's network: the teacher's network class with its build arguments; ``init="teacher"``: a copy of the
+    teacher's weights (Salimans & Ho 2022 start every student from its teacher), ``"random"``: fresh weights from
+    ``seed``. The copy's output is read as the student's parameterisation, so round 0 (the student fitting the teacher's
+    own data prediction) converts an ``eps`` teacher into a ``v`` (or ``x``) student."""
+    from .build import build_net
+
+    check_choice("student_init", init, ("teacher", "random"))
+    if init == "teacher":
+        net = copy.deepcopy(teacher.model.net)
+    else:
+        spec = teacher.model.spec
+        net = build_net(spec["net"]["name"], spec["data_shape"], seed=seed, sde=teacher.sde,
+                        centered=spec.get("data", {}).get("centered", True), **spec["net"]["kwargs"])
+        p = next(teacher.model.parameters())
+        net = net.to(device=p.device, dtype=p.dtype)
+    return net.requires_grad_(True).train()
+
+
+def quality_scorer(teacher: TeacherRun, seed: int):
+    """``score(x) -> dict`` of samples ``x (n, *shape)`` on the model's scale against the run's test split: image data of a
+    set with a feature classifier get ``evaluate.image_quality`` (Fréchet distance, k-NN precision / recall, each with
+    its floor: as many training images against the same test split); other data ``evaluate.sample_quality`` (MMD^2
+    with its floor, sliced Wasserstein)."""
+    from .evaluate import FEATURE_DATASETS, EvalOptions, image_quality, sample_quality
+    from .runs import load_split, reference_samples, stream_seed
+
+    data = teacher.data
+    test = load_split(data, "test", seed=teacher.seed)
+    images = len(teacher.shape) == 3 and data.name in FEATURE_DATASETS
+    ref = None if images else reference_samples(test, data, seed=stream_seed(seed, 4), dtype=torch.float64, device="cpu")
+
+    def score(x):
+        if images:
+            q = image_quality(x, test, data, EvalOptions(), seed=teacher.seed, device=x.device)
+            return {k: v for k, v in q.items() if k != "pr_k"}
+        return sample_quality(x, ref, seed=stream_seed(seed, 5))
+
+    return score
+
+
 # --- the plain entry point -----------------------------------------------------------------------------------
 @dataclass
 class DistillOptions:
@@ -405,18 +571,30 @@ class DistillOptions:
 
     ``teacher``: ``"oracle"``, the exact score of a 2-D Gaussian mixture (its samples are the data): ``mixture``
     ``"benchmark"`` (the 4-component mixture of ``benchmarks/sampler_nfe.py`` and the sampler tests) or ``"gmm"``
-    (``data.default_gmm(2)``). ``sde``: ``"vp"`` or ``"subvp"``. ``parameterization``: ``v`` or ``x``. Student: ``MLPScoreNet`` with
-    ``hidden``, ``depth``. ``n_data`` training examples; ``n_eval`` samples for the MMD^2 check against fresh data
-    (z = MMD^2 / std of data-vs-data MMD^2; ``z < 3`` is at the noise floor). ``n_steps``, ``batch_size``, ``lr``,
-    ``ema_rate``: every round's training. ``workdir``: the run directory (resumed when it exists).
+    (``data.default_gmm(2)``), ``sde``: ``"vp"`` or ``"subvp"``, student ``MLPScoreNet`` with ``hidden``, ``depth``,
+    ``n_data`` training examples; or ``"run"``, a trained ``scoresde-train`` run (``teacher_run``: its directory or a
+    checkpoint file; continuous VP / sub-VP), which brings its SDE, its network class (the student's, initialised from the
+    teacher's weights with ``student_init="auto"``/``"teacher"``, fresh with ``"random"``) and its training split, put on
+    the model's scale as in training (``teacher_training_data``). ``parameterization``: ``v`` or ``x``. Evaluation:
+    ``eval_sets`` sets of ``n_eval`` samples (one batch each), the metrics averaged over the sets (with ``_sd`` / ``_sets``
+    of the headline metric when ``eval_sets > 1``); oracle: MMD^2 against fresh data and z = MMD^2 / std of data-vs-data
+    MMD^2 (``z < 3`` is at the noise floor); run: on images of a set with a feature classifier the Fréchet distance and
+    k-NN precision / recall against the test split with their floors (``evaluate.image_quality``), else MMD^2 with its
+    floor. ``n_steps``, ``batch_size``, ``lr``, ``ema_rate``, ``checkpoint_every``: every round's training
+    (``scoresde.train``). ``workdir``: the run directory (resumed when it exists; refused when it holds a distillation
+    with other run-defining options or another teacher checkpoint).
 
     ``method``: ``progressive`` (``start_steps`` -> ``final_steps``), ``consistency_distillation`` (teacher Heun steps on
     Karras' grid of ``cm_N`` points, target EMA ``cm_mu``) or ``consistency_training`` (no teacher; ``N(k)``, ``mu(k)``
-    from ``cm_s0``, ``cm_s1``, ``cm_mu0``); consistency models use ``sigma_data`` and are evaluated at the NFEs of
-    ``cm_eval_nfe`` (comma-separated), trained for ``n_steps`` in one run."""
+    from ``cm_s0``, ``cm_s1``, ``cm_mu0``) or ``improved_consistency_training`` (Song & Dhariwal 2023, ``improved_ct_loss``:
+    pseudo-Huber loss, lognormal noise ``ict_p_mean``, ``ict_p_std``, doubling curriculum ``ict_s0`` -> ``ict_s1``, no EMA
+    target); consistency models use ``sigma_data`` and are evaluated at the NFEs of ``cm_eval_nfe`` (comma-separated),
+    trained for ``n_steps`` in one run."""
 
     method: str = "progressive"
     teacher: str = "oracle"
+    teacher_run: Optional[str] = None
+    student_init: str = "auto"
     mixture: str = "benchmark"
     sde: str = "vp"
     start_steps: int = 64
@@ -428,10 +606,12 @@ class DistillOptions:
     depth: int = 3
     n_data: int = 50_000
     n_eval: int = 1000
+    eval_sets: int = 1
     n_steps: int = 2000
     batch_size: int = 256
     lr: float = 1e-3
     ema_rate: float = 0.999
+    checkpoint_every: int = 0
     cm_N: int = 18
     cm_mu: float = 0.95
     cm_mu0: float = 0.9
@@ -439,6 +619,10 @@ class DistillOptions:
     cm_s1: int = 150
     sigma_data: float = 0.5
     cm_eval_nfe: str = "1,2,4"
+    ict_s0: int = 10
+    ict_s1: int = 1280
+    ict_p_mean: float = -1.1
+    ict_p_std: float = 2.0
     seed: int = 0
     workdir: str = "outputs/distill"
     progress: bool = True
@@ -458,16 +642,40 @@ class DistillOptions:
                 raise ValueError(f"{name} must be a power of 2; got {v!r}")
         if self.final_steps > self.start_steps:
             raise ValueError(f"final_steps must be <= start_steps = {self.start_steps}; got {self.final_steps!r}")
-        check_choice("teacher", self.teacher, ("oracle",))
+        self._check_teacher()
         check_choice("mixture", self.mixture, MIXTURES)
         check_choice("sde", self.sde, ("vp", "subvp"))
         check_choice("parameterization", self.parameterization, PARAMETERIZATIONS)
-        for name in ("hidden", "depth", "n_data", "n_eval"):
-            check_int(name, getattr(self, name), 0 if name == "depth" else 2)
+        for name in ("hidden", "depth", "n_data", "n_eval", "eval_sets", "checkpoint_every", "ict_s0"):
+            check_int(name, getattr(self, name), {"depth": 0, "checkpoint_every": 0, "eval_sets": 1, "ict_s0": 1}.get(name, 2))
+        check_int("ict_s1", self.ict_s1, self.ict_s0)
+        check_positive("ict_p_std", self.ict_p_std)
+        if isinstance(self.ict_p_mean, bool) or not isinstance(self.ict_p_mean, (int, float)) or not math.isfinite(self.ict_p_mean):
+            raise ValueError(f"ict_p_mean must be a finite number; got {self.ict_p_mean!r}")
+
+    def _check_teacher(self):
+        check_choice("teacher", self.teacher, TEACHERS)
+        check_choice("student_init", self.student_init, ("auto", "teacher", "random"))
+        if self.teacher == "run":
+            if not isinstance(self.teacher_run, str) or not self.teacher_run:
+                raise ValueError(f"teacher_run must name a scoresde-train run directory or checkpoint file with teacher='run'; "
+                                 f"got {self.teacher_run!r}")
+            if not Path(self.teacher_run).expanduser().exists():
+                raise ValueError(f"teacher_run: no such run directory or checkpoint file: {self.teacher_run!r}")
+        else:
+            if self.teacher_run is not None:
+                raise ValueError(f"teacher_run is read only with teacher='run'; got teacher={self.teacher!r}, "
+                                 f"teacher_run={self.teacher_run!r}")
+            if self.student_init == "teacher":
+                raise ValueError("student_init='teacher' needs a teacher network (teacher='run'); the oracle has none: "
+                                 "use 'auto' or 'random'")
 
 
 MIXTURES = ("benchmark", "gmm")
-METHODS = ("progressive", "consistency_distillation", "consistency_training")
+METHODS = ("progressive", "consistency_distillation", "consistency_training", "improved_consistency_training")
+TEACHERS = ("oracle", "run")
+# options that do not change what a distillation trains (a workdir may be resumed with other values)
+NON_DEFINING = ("workdir", "progress", "n_eval", "eval_sets", "cm_eval_nfe", "final_steps", "checkpoint_every", "teacher_run")
 
 
 def mixture_2d(name: str = "benchmark"):
@@ -499,15 +707,34 @@ def _mmd_scorer(gm, n_eval: int, seed: int):
     return score
 
 
-def _mmd_eval(gm, sde, n_eval: int, seed: int):
-    """``eval_fn(student, steps) -> {"nfe", "mmd2", "z"}`` of a progressive-distillation student."""
-    score = _mmd_scorer(gm, n_eval, seed)
+HEADLINE = ("z", "fd", "mmd2")  # the metrics whose spread over evaluation sets is reported
 
-    def eval_fn(student, steps):
-        x, nfe = sample_student(student.x0, sde, steps, (n_eval, 2), torch.Generator().manual_seed(seed + 7))
-        return {"nfe": nfe, **score(x)}
 
-    return eval_fn
+def _mean_over_sets(recs: list[dict]) -> dict:
+    """The mean of every numeric metric over evaluation sets; with several sets also ``<key>_sd`` (sample std) and
+    ``<key>_sets`` of the headline metrics (``HEADLINE``)."""
+    out = {}
+    for k, v in recs[0].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        vals = [float(r[k]) for r in recs]
+        out[k] = sum(vals) / len(vals)
+        if len(recs) > 1 and k in HEADLINE:
+            out[f"{k}_sd"] = float(torch.tensor(vals, dtype=torch.float64).std())
+            out[f"{k}_sets"] = vals
+    return out
+
+
+def evaluate_sets(draw: Callable[[torch.Generator], tuple[torch.Tensor, int]], score: Callable[[torch.Tensor], dict],
+                  n_sets: int = 1, seed: int = 0) -> dict:
+    """``{"nfe", **metrics}``: ``draw(generator) -> (samples, nfe)`` for ``n_sets`` generators seeded ``seed + 7 + j``,
+    each set scored by ``score(samples) -> dict`` and averaged by ``_mean_over_sets``."""
+    check_int("n_sets", n_sets)
+    recs, nfe = [], None
+    for j in range(n_sets):
+        x, nfe = draw(torch.Generator().manual_seed(seed + 7 + j))
+        recs.append(score(x))
+    return {"nfe": nfe, **_mean_over_sets(recs)}
 
 
 def consistency_times(sde: SDE, nfe: int, N: int, eps: Optional[float] = None) -> list[float]:
@@ -518,49 +745,119 @@ def consistency_times(sde: SDE, nfe: int, N: int, eps: Optional[float] = None) -
     return [float(g[round(i * (N - 1) / nfe)]) for i in range(1, nfe)]
 
 
-def run_distill(options: DistillOptions) -> list[dict]:
-    """Distil the teacher of ``options`` into a few-step generator: a ``final_steps`` student
-    (``progressive_distillation``) or a consistency model (``consistency_loss``, distillation or training); returns
-    one record per round / per evaluated NFE (steps, NFE, MMD^2 z-score, training seconds), also written to
-    ``workdir/rounds.jsonl``."""
+@dataclass
+class _Setup:
+    """What ``run_distill`` distils: the SDE, the teacher's ``x_hat`` and ``eps_hat``, the student's initial network,
+    the training data (+ ``prepare``), the per-sample shape, ``score(samples) -> dict`` and the teacher's identity."""
+
+    sde: SDE
+    teacher_x0: X0Fn
+    teacher_eps: X0Fn
+    net: nn.Module
+    data: torch.Tensor
+    prepare: Optional[Callable]
+    shape: tuple
+    score: Callable
+    identity: dict
+
+
+def _oracle_setup(o: DistillOptions) -> _Setup:
     from .build import build_net, build_sde
 
-    if not isinstance(options, DistillOptions):
-        raise TypeError(f"options must be a DistillOptions; got {type(options).__name__}")
-    o = options
     sde = build_sde(o.sde)
     gm = mixture_2d(o.mixture)
     data = gm.sample(o.n_data, torch.Generator().manual_seed(o.seed), dtype=torch.float32)
     net = build_net("mlp", (data.shape[1],), seed=o.seed, hidden=o.hidden, depth=o.depth)
-    teacher = teacher_from_score(gm.score_fn(sde), sde)
+    score_fn = gm.score_fn(sde)
+    return _Setup(sde, teacher_from_score(score_fn, sde), teacher_eps_from_score(score_fn, sde), net, data, None,
+                  (gm.D,), _mmd_scorer(gm, o.n_eval, o.seed), {"oracle": o.mixture})
+
+
+def _run_setup(o: DistillOptions) -> _Setup:
+    teacher = load_teacher_run(o.teacher_run)
+    data, prepare = teacher_training_data(teacher)
+    init = "teacher" if o.student_init == "auto" else o.student_init
+    net = student_network(teacher, init, seed=o.seed)
+    m = teacher.model
+    return _Setup(teacher.sde, m.denoise_fn, m.eps_fn, net, data, prepare, teacher.shape, quality_scorer(teacher, o.seed),
+                  teacher.identity())
+
+
+def _claim_workdir(o: DistillOptions, identity: dict) -> None:
+    """Write ``workdir/options.json`` (the options and the teacher's identity), after checking that a distillation
+    already there has the same run-defining options (all but ``NON_DEFINING``) and teacher: ``ValueError`` naming the
+    fields that differ."""
+    work = Path(o.workdir)
+    path = work / "options.json"
+    mine = {"options": dataclasses.asdict(o), "teacher": identity}
+    if path.is_file():
+        prev = json.loads(path.read_text())
+        prev_opts = prev.get("options", prev)  # the first format held the options only
+        diff = sorted(k for k, v in mine["options"].items() if k not in NON_DEFINING and k in prev_opts and prev_opts[k] != v)
+        if "teacher" in prev and prev["teacher"] != identity:
+            diff.append(f"teacher checkpoint {prev['teacher']} -> {identity}")
+        if diff:
+            raise ValueError(f"workdir {str(work)!r} holds a distillation with other run-defining options: {diff}; "
+                             "use another workdir (or remove it to start again)")
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(mine, indent=1))
+    tmp.replace(path)
+
+
+def run_distill(options: DistillOptions) -> list[dict]:
+    """Distil the teacher of ``options`` (the oracle or a trained run) into a few-step generator: a ``final_steps``
+    student (``progressive_distillation``) or a consistency model (``consistency_loss``, distillation or training);
+    returns one record per round / per evaluated NFE (steps, NFE, quality metrics, training seconds), also written to
+    ``workdir/rounds.jsonl``. Every option and the teacher checkpoint are checked before any training."""
+    if not isinstance(options, DistillOptions):
+        raise TypeError(f"options must be a DistillOptions; got {type(options).__name__}")
+    o = options
+    setup = _run_setup(o) if o.teacher == "run" else _oracle_setup(o)
     tr = TrainOptions(n_steps=o.n_steps, batch_size=o.batch_size, lr=o.lr, warmup=0, ema_rate=o.ema_rate, seed=o.seed,
-                      log_every=max(1, o.n_steps // 4))
-    Path(o.workdir).mkdir(parents=True, exist_ok=True)
-    (Path(o.workdir) / "options.json").write_text(json.dumps(dataclasses.asdict(o), indent=1))
+                      log_every=max(1, o.n_steps // 4), checkpoint_every=o.checkpoint_every)
+    _claim_workdir(o, setup.identity)
     if o.method == "progressive":
-        student = Student(net, sde, o.parameterization)
-        popts = ProgressiveOptions(start_steps=o.start_steps, final_steps=o.final_steps, eps=o.eps, schedule=o.schedule, train=tr)
-        return progressive_distillation(teacher, sde, student, data, popts, o.workdir, _mmd_eval(gm, sde, o.n_eval, o.seed), o.progress)
-    return _run_consistency(o, sde, gm, net, data, tr)
+        return _run_progressive(o, setup, tr)
+    return _run_consistency(o, setup, tr)
 
 
-def _run_consistency(o: DistillOptions, sde, gm, net, data, tr) -> list[dict]:
-    cm = ConsistencyModel(net, sde, o.eps, o.sigma_data)
+def _run_progressive(o: DistillOptions, st: _Setup, tr: TrainOptions) -> list[dict]:
+    student = Student(st.net, st.sde, o.parameterization)
+    popts = ProgressiveOptions(start_steps=o.start_steps, final_steps=o.final_steps, eps=o.eps, schedule=o.schedule, train=tr)
+    p = next(st.net.parameters())
+
+    def eval_fn(ema, steps):
+        draw = lambda g: sample_student(ema.x0, st.sde, steps, (o.n_eval, *st.shape), g, o.eps, o.schedule,  # noqa: E731
+                                        device=p.device, dtype=p.dtype)
+        return evaluate_sets(draw, st.score, o.eval_sets, o.seed)
+
+    return progressive_distillation(st.teacher_x0, st.sde, student, st.data, popts, o.workdir, eval_fn, o.progress,
+                                    prepare=st.prepare)
+
+
+def _run_consistency(o: DistillOptions, st: _Setup, tr: TrainOptions) -> list[dict]:
+    cm = ConsistencyModel(st.net, st.sde, o.eps, o.sigma_data)
     if o.method == "consistency_distillation":
-        loss_fn = consistency_loss(cm, teacher_eps_from_score(gm.score_fn(sde), sde), N=o.cm_N, mu=o.cm_mu)
-    else:
+        loss_fn = consistency_loss(cm, st.teacher_eps, N=o.cm_N, mu=o.cm_mu)
+    elif o.method == "consistency_training":
         loss_fn = consistency_loss(cm, None, ct=(o.n_steps, o.cm_s0, o.cm_s1, o.cm_mu0))
+    else:
+        loss_fn = improved_ct_loss(cm, o.n_steps, o.ict_s0, o.ict_s1, o.ict_p_mean, o.ict_p_std)
     t0 = time.perf_counter()
-    result = train(cm, loss_fn, data, tr, Path(o.workdir) / "train", progress=o.progress)
+    result = train(cm, loss_fn, st.data, tr, Path(o.workdir) / "train", prepare=st.prepare, progress=o.progress)
     seconds = time.perf_counter() - t0
-    score = _mmd_scorer(gm, o.n_eval, o.seed)
     ema = copy.deepcopy(result.ema.module).eval()
+    p = next(ema.parameters())
     records = []
-    N = o.cm_N if o.method == "consistency_distillation" else ct_schedule(o.n_steps, o.n_steps, o.cm_s0, o.cm_s1, o.cm_mu0)[0]
+    N = {"consistency_distillation": lambda: o.cm_N,
+         "consistency_training": lambda: ct_schedule(o.n_steps, o.n_steps, o.cm_s0, o.cm_s1, o.cm_mu0)[0],
+         "improved_consistency_training": lambda: ict_schedule(o.n_steps, o.n_steps, o.ict_s0, o.ict_s1)}[o.method]()
     for nfe in (int(v) for v in str(o.cm_eval_nfe).split(",")):
-        times = consistency_times(sde, nfe, N, o.eps)
-        x, n = sample_consistency(ema, (o.n_eval, 2), torch.Generator().manual_seed(o.seed + 7), times)
-        records.append({"method": o.method, "steps": n, "nfe": n, "train_steps": result.step, "seconds": round(seconds, 2), **score(x)})
+        times = consistency_times(st.sde, nfe, N, o.eps)
+        draw = lambda g: sample_consistency(ema, (o.n_eval, *st.shape), g, times, device=p.device, dtype=p.dtype)  # noqa: E731
+        q = evaluate_sets(draw, st.score, o.eval_sets, o.seed)
+        records.append({"method": o.method, "steps": q["nfe"], "train_steps": result.step, "seconds": round(seconds, 2), **q})
     with open(Path(o.workdir) / "rounds.jsonl", "w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")

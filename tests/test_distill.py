@@ -237,3 +237,69 @@ def test_consistency_distillation_resumes_exactly(tmp_path):
     assert int(resumed.k) == 10
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+# --- improved consistency training (Song & Dhariwal 2023) -------------------------------------------------------
+def test_ict_schedule_doubles_from_s0_to_s1():
+    from scoresde.distill import ict_schedule
+
+    K = 800  # K' = floor(800 / (log2(128) + 1)) = 100
+    assert [ict_schedule(k, K) for k in (0, 99, 100, 250, 699, 700, 799, 800)] == [11, 11, 21, 41, 641, 1281, 1281, 1281]
+    assert ict_schedule(0, 10, s0=2, s1=2) == 3
+
+
+def test_lognormal_interval_probs_match_the_lognormal_mass():
+    from scoresde.distill import lognormal_interval_probs
+
+    sig = torch.logspace(4, -6, 1001, dtype=F64)  # decreasing, covering the lognormal's mass (> 5 sd of log sigma each side)
+    p = lognormal_interval_probs(sig, -1.1, 2.0)
+    assert p.shape == (1000,) and float(p.sum()) == pytest.approx(1.0) and (p >= 0).all()
+    mid = torch.sqrt(sig[:-1] * sig[1:])
+    assert float((p * torch.log(mid)).sum()) == pytest.approx(-1.1, abs=0.05)  # the mean of log sigma
+
+
+def test_improved_ct_loss_targets_the_online_network_without_gradient():
+    from scoresde.distill import improved_ct_loss
+
+    gm = mixture_2d()
+    cm = _cm(sigma_data=1.0)
+    x = gm.sample(64, torch.Generator().manual_seed(0), dtype=F64)
+    lf = improved_ct_loss(cm, K=100)
+    loss = lf(cm, x, torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss) and float(loss.detach()) > 0 and int(cm.k) == 1
+    loss.backward()
+    assert all(p.grad is not None for p in cm.net.parameters())
+    assert all(p.grad is None for p in cm.target.parameters())  # no EMA target network in the loss
+
+
+@pytest.mark.parametrize("kw,match", [({"ict_s0": 0}, "ict_s0"), ({"ict_s0": 20, "ict_s1": 10}, "ict_s1"),
+                                      ({"ict_p_std": 0.0}, "ict_p_std"), ({"ict_p_mean": float("nan")}, "ict_p_mean")])
+def test_ict_options_validate(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DistillOptions(**kw)
+
+
+def test_improved_consistency_training_runs_from_run_distill(tmp_path):
+    recs = run_distill(DistillOptions(method="improved_consistency_training", hidden=16, depth=1, n_data=512, n_eval=64, n_steps=8,
+                                      batch_size=32, sigma_data=1.0, cm_eval_nfe="1,2", progress=False, workdir=str(tmp_path)))
+    assert [r["nfe"] for r in recs] == [1, 2] and all(r["train_steps"] == 8 and r["z"] == r["z"] for r in recs)
+
+
+def test_improved_consistency_training_resumes_exactly(tmp_path):
+    from scoresde.distill import improved_ct_loss
+    from scoresde.train import train
+
+    data = mixture_2d().sample(256, torch.Generator().manual_seed(0), dtype=F64)
+
+    def run(n_steps, workdir, ckpt=0):
+        cm = _cm(seed=4, sigma_data=1.0)
+        tr = TrainOptions(n_steps=n_steps, batch_size=32, lr=1e-3, warmup=0, ema_rate=0.9, log_every=5, checkpoint_every=ckpt)
+        train(cm, improved_ct_loss(cm, K=10, s0=2, s1=8), data, tr, workdir, progress=False)
+        return cm
+
+    full = run(10, tmp_path / "a")
+    run(5, tmp_path / "b", ckpt=5)
+    resumed = run(10, tmp_path / "b")
+    assert int(resumed.k) == 10
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
