@@ -37,8 +37,8 @@ from . import build, samplers
 from .compare import CompareConfig, CompareOptions
 from .distill import DistillOptions
 from .export import ExportOptions
-from .evaluate import EvalOptions
-from .losses import get_loss_fn
+from .evaluate import EvalOptions, GuidanceOptions
+from .losses import class_conditional, get_loss_fn
 from .runs import DataOptions, RunConfig, legacy_override_error
 from .train import TrainOptions
 
@@ -115,7 +115,8 @@ SAMPLER_SCHEMAS = {m: _make_schema(f"{_title(m)}SamplerSchema", {"method": (str,
                                    {k: (samplers.option_types(m)[k], d) for k, d in samplers.METHOD_OPTIONS[m].items()})
                    for m in samplers.METHODS}
 _TRAIN_APP_FIELDS = ("seed",)  # the app's top-level ``seed``
-_LOSS_FIELDS = _signature_fields(get_loss_fn, ("sde",))
+# the loss: get_loss_fn's keyword arguments, and the label dropout of class-conditional models (class_conditional's)
+_LOSS_FIELDS = {**_signature_fields(get_loss_fn, ("sde",)), **_signature_fields(class_conditional, ("loss_fn", "num_classes"))}
 TrainSchema = _make_schema("TrainSchema", {}, {
     **{f.name: (typing.get_type_hints(TrainOptions)[f.name], f.default) for f in fields(TrainOptions) if f.name not in _TRAIN_APP_FIELDS},
     **_LOSS_FIELDS})
@@ -165,9 +166,13 @@ class _Saved(_Common):
 
 @dataclass
 class SampleAppConfig(_Saved):
-    """``scoresde-sample``: draw samples from a trained run."""
+    """``scoresde-sample``: draw samples from a trained run; ``guidance``, ``class_label``, ``classifier``: conditional
+    and guided sampling (``scoresde.evaluate.GuidanceOptions``)."""
 
     sampler: Any = MISSING
+    guidance: float = 0.0
+    class_label: Optional[int] = None
+    classifier: Optional[str] = None
 
 
 @dataclass
@@ -291,9 +296,26 @@ def _check_model(c, sde, data: DataOptions, loss: dict):
     if getattr(net, "aug_cond", False) and data.noise_mixture_prob == 0:
         raise ConfigError("model.aug_cond=true conditions the network on the noise-mixture augmentation, which is off: "
                           "set data.noise_mixture_prob > 0 (e.g. 0.2) or model.aug_cond=false")
+    loss = dict(loss)
+    p_uncond = loss.pop("p_uncond")
     _library_check("train", lambda: get_loss_fn(sde, **loss), list(loss))
+    if model.num_classes is not None:
+        _library_check("train", lambda: class_conditional(get_loss_fn(sde, **loss), model.num_classes, p_uncond), ["p_uncond"])
+        _check_labels(data, model.num_classes)
     del model
     return {"name": c.model.name, "kwargs": kwargs}, param
+
+
+def _check_labels(data: DataOptions, num_classes: int) -> None:
+    """A class-conditional model needs a data set with labels, and classes that fit ``model.num_classes``."""
+    from .data.datasets import NUM_CLASSES
+
+    if data.name not in NUM_CLASSES:
+        raise ConfigError(f"model.num_classes={num_classes} trains a class-conditional model, which needs labelled data: "
+                          f"data.name must be one of {list(NUM_CLASSES)}; got {data.name!r}")
+    if num_classes != NUM_CLASSES[data.name]:
+        raise ConfigError(f"model.num_classes must equal the number of classes of data={data.name!r}, "
+                          f"{NUM_CLASSES[data.name]}; got {num_classes}")
 
 
 def _sampler_dict(node) -> dict:
@@ -402,6 +424,10 @@ def validate(cfg):
     if isinstance(c, SampleAppConfig):
         opts = _group_kwargs(c.sampler, "method")
         _library_check("sampler", lambda: samplers.check_method_options(c.sampler.method, opts), list(opts))
+        try:
+            guidance_options(c).check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     elif isinstance(c, CompareAppConfig):
         if c.model.name == "oracle":
             raise ConfigError("model must be a trainable network for scoresde-compare; got 'oracle'")
@@ -428,6 +454,11 @@ def _options_app(cfg, cls):
         return obj.check() if hasattr(obj, "check") else obj
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+
+
+def guidance_options(c) -> GuidanceOptions:
+    """The conditional-sampling options of a ``scoresde-sample`` config."""
+    return GuidanceOptions(guidance=c.guidance, class_label=c.class_label, classifier=c.classifier)
 
 
 def to_plain(obj) -> Any:

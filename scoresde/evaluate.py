@@ -17,7 +17,7 @@ import torch
 
 from .plots import save_png_folder, save_sample_figure, save_uint8_npz
 
-__all__ = ["EvalOptions", "SPLITS", "draw_samples", "sample_quality", "image_quality", "image_fd", "nll_on_split", "elbo_on_split",
+__all__ = ["EvalOptions", "GuidanceOptions", "sample_labels", "guided_score_maker", "class_accuracy", "SPLITS", "draw_samples", "sample_quality", "image_quality", "image_fd", "nll_on_split", "elbo_on_split",
            "evaluate_run", "print_summary"]
 
 log = logging.getLogger("scoresde")
@@ -93,11 +93,106 @@ def _generator(seed: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+@dataclass
+class GuidanceOptions:
+    """How the samples of a run are conditioned.
+
+    ``class_label``: for a class-conditional model (``model.num_classes = K``) ``None`` draws balanced labels
+    (sample ``i`` gets label ``i mod K``), ``0 <= c < K`` draws class ``c`` only, ``c = K`` the null label (the model's
+    unconditional score). ``guidance``: the weight ``w >= 0``; with a conditional model classifier-free guidance
+    ``s_w = (1 + w) s(x, t, y) - w s(x, t, null)`` (``w = 0``: the conditional model itself, one network call per NFE;
+    ``w > 0``: one call on a doubled batch per NFE); with ``classifier`` (a ``scoresde-train-classifier`` run
+    directory or checkpoint) classifier guidance ``s(x, t) + w grad_x log p_t(y | x)`` of an unconditional model
+    (Song et al. 2021, App. I). An unconditional model without ``classifier`` takes neither option.
+    """
+
+    guidance: float = 0.0
+    class_label: Optional[int] = None
+    classifier: Optional[str] = None
+
+    def check(self) -> "GuidanceOptions":
+        """Range checks without the model (``ValueError`` naming the field)."""
+        w = self.guidance
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"guidance must be a finite number >= 0 (the guidance weight w); got {w!r}")
+        c = self.class_label
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 0):
+            raise ValueError(f"class_label must be null (balanced labels) or an integer >= 0; got {c!r}")
+        if self.classifier is not None and not Path(self.classifier).exists():
+            raise ValueError(f"classifier: no such file or directory: {self.classifier!r}")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.guidance != 0 or self.class_label is not None or self.classifier is not None
+
+
+def sample_labels(n: int, num_classes: int, class_label: Optional[int], device=None) -> torch.Tensor:
+    """The labels ``(n,)`` long of ``n`` conditional samples: ``i mod num_classes`` (balanced) or ``class_label``."""
+    if class_label is None:
+        return torch.arange(n, device=device) % num_classes
+    return torch.full((n,), int(class_label), dtype=torch.long, device=device)
+
+
+def guided_score_maker(run, guide: GuidanceOptions, device, dtype):
+    """``(make_score, num_classes)``: ``make_score(y (B,)) -> score_fn(x, t)`` of the conditioned sampler of ``run``
+    under ``guide`` (see ``GuidanceOptions``), or ``(None, None)`` for plain unconditional sampling. Checks the
+    options against the model (``ValueError`` naming the field) before any sampling."""
+    guide.check()
+    k = run.model.num_classes if run.model is not None else None
+    if guide.classifier is not None:
+        from .classifier import load_classifier
+        from .samplers.guidance import classifier_guided_score_fn
+
+        if k is not None:
+            raise ValueError(f"classifier guidance (classifier=...) is for an unconditional model; this model is "
+                             f"class-conditional (num_classes={k}): use guidance=w for classifier-free guidance")
+        clf = load_classifier(guide.classifier).to(device=device, dtype=dtype).eval()
+        kc = clf.num_classes
+        if guide.class_label is not None and guide.class_label >= kc:
+            raise ValueError(f"class_label must lie in [0, {kc - 1}] (the classifier's classes); got {guide.class_label}")
+        log_prob = clf.log_prob_fn()
+        return (lambda y: classifier_guided_score_fn(run.score_fn, log_prob, y, guide.guidance)), kc
+    if k is None:
+        if guide.active:
+            raise ValueError("guidance / class_label need a class-conditional model (trained with model.num_classes=K) "
+                             "or a noise-conditional classifier (classifier=<scoresde-train-classifier run>); this model "
+                             "is unconditional")
+        return None, None
+    if guide.class_label is not None and guide.class_label > k:
+        raise ValueError(f"class_label must be null (balanced), in [0, {k - 1}], or {k} (the null label); got {guide.class_label}")
+    if guide.class_label == k and guide.guidance != 0:
+        raise ValueError(f"class_label={k} is the null label (unconditional): guidance must be 0; got {guide.guidance}")
+    from .samplers.guidance import cfg_score_fn, model_label_score
+
+    cond = model_label_score(run.model)
+    return (lambda y: cfg_score_fn(cond, y, guide.guidance, k)), k
+
+
 @torch.no_grad()
-def draw_samples(score_fn, sde, shape, sampler: dict, n: int, batch_size: int, seed: int, device, dtype, progress: bool = False):
+def class_accuracy(samples: torch.Tensor, labels: torch.Tensor, data, eval_opts: "EvalOptions", device) -> Optional[float]:
+    """Fraction of finite ``samples`` that the data set's feature classifier (``scoresde.features``) assigns to their
+    ``labels``; ``None`` for data without one (``FEATURE_DATASETS``) or a label outside its classes (the null label)."""
+    from .features import FeatureExtractor
+
+    if data.name not in FEATURE_DATASETS:
+        return None
+    ok = torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)
+    x, y = samples[ok].to(device=device, dtype=torch.float32), labels[ok].to(device)
+    ext = FeatureExtractor.load_or_train(data.name, cache_dir=eval_opts.feature_cache, root=data.root, seed=0, device=device)
+    if x.shape[0] == 0 or int(y.max()) >= ext.classifier.arch["num_classes"]:
+        return None
+    pred = torch.cat([ext.classifier(x[i:i + 500]).argmax(1) for i in range(0, x.shape[0], 500)])
+    return float((pred == y).double().mean())
+
+
+@torch.no_grad()
+def draw_samples(score_fn, sde, shape, sampler: dict, n: int, batch_size: int, seed: int, device, dtype, progress: bool = False,
+                 labels: Optional[torch.Tensor] = None):
     """``n`` samples of per-sample ``shape`` with the configured sampler, in batches.
 
-    ``sampler``: ``{"method": ..., **options of scoresde.sample}``.
+    ``sampler``: ``{"method": ..., **options of scoresde.sample}``. With ``labels`` ``(n,)`` (conditional sampling)
+    ``score_fn`` is a maker, ``score_fn(y) -> score_fn(x, t)``, called with each batch's labels.
     Returns ``(x (n, *shape), nfe per batch (list of int), seconds)``. Batch ``j`` uses the generator
     seeded ``stream(seed, 1, j)``.
     """
@@ -111,7 +206,8 @@ def draw_samples(score_fn, sde, shape, sampler: dict, n: int, batch_size: int, s
     for j, start in enumerate(range(0, n, batch_size)):
         b = min(batch_size, n - start)
         g = _generator(stream_seed(seed, 1, j), device)
-        res = sample(score_fn, sde, (b, *shape), method=method, generator=g, progress=progress,
+        fn = score_fn if labels is None else score_fn(labels[start:start + b].to(device))
+        res = sample(fn, sde, (b, *shape), method=method, generator=g, progress=progress,
                      device=device, dtype=dtype, **kwargs)
         xs.append(res.x.detach())
         nfes.append(int(res.nfe))
@@ -242,8 +338,14 @@ def elbo_on_split(run, ds, eval_opts: EvalOptions, seed: int, device, dtype, pro
 
 
 def evaluate_run(run, sampler: Optional[dict], eval_opts: EvalOptions, outdir: Path, seed: int, device, dtype,
-                 progress: bool = False, label: str = "", do_samples: bool = True, do_nll: Optional[bool] = None) -> dict:
-    """Samples (figure, NFE, quality vs the test split) and likelihoods (ODE NLL per split, DDPM ELBO)."""
+                 progress: bool = False, label: str = "", do_samples: bool = True, do_nll: Optional[bool] = None,
+                 guidance: Optional[GuidanceOptions] = None) -> dict:
+    """Samples (figure, NFE, quality vs the test split) and likelihoods (ODE NLL per split, DDPM ELBO).
+
+    A class-conditional model (or ``guidance.classifier``) draws its samples with the labels of ``guidance``
+    (``GuidanceOptions``; default: balanced labels, ``w = 0``); the samples' labels are saved beside them
+    (``labels.pt``) and, for data with a feature classifier, ``class_accuracy`` says how many of the samples it
+    assigns to their label. Likelihoods use the model's unconditional score (the null label of a conditional model)."""
     from .runs import SAMPLES_NAME, load_split, reference_samples, stream_seed
 
     out: dict = {}
@@ -251,12 +353,22 @@ def evaluate_run(run, sampler: Optional[dict], eval_opts: EvalOptions, outdir: P
     exporting = eval_opts.export_png or eval_opts.export_npz
     if do_samples and exporting and len(run.shape) != 3:
         raise ValueError(f"eval.export_png / eval.export_npz write images; this run's data have shape {tuple(run.shape)}")
+    guide = guidance if guidance is not None else GuidanceOptions()
+    make_score, n_classes = guided_score_maker(run, guide, device, dtype) if do_samples else (None, None)
     test = load_split(data, "test", seed=run.seed)
     if do_samples and eval_opts.n_samples > 0:
-        x, nfes, secs = draw_samples(run.score_fn, run.sde, run.shape, sampler, eval_opts.n_samples, eval_opts.batch_size,
-                                     seed, device, dtype, progress)
+        labels = None if make_score is None else sample_labels(eval_opts.n_samples, n_classes, guide.class_label)
+        x, nfes, secs = draw_samples(run.score_fn if make_score is None else make_score, run.sde, run.shape, sampler,
+                                     eval_opts.n_samples, eval_opts.batch_size, seed, device, dtype, progress, labels=labels)
         s = {"method": sampler["method"], "steps": sampler.get("steps"), "nfe": nfes[0] if len(set(nfes)) == 1 else nfes,
              "nfe_mean": sum(nfes) / len(nfes), "seconds": secs}
+        if labels is not None:
+            s.update(guidance=guide.guidance, class_label=guide.class_label, classifier=guide.classifier,
+                     network_rows_per_nfe=2 if (guide.guidance != 0 and guide.classifier is None) else 1)
+            torch.save(labels.cpu(), outdir / (f"labels_{label}.pt" if label else "labels.pt"))
+            acc = class_accuracy(x, labels, data, eval_opts, device)
+            if acc is not None:
+                s["class_accuracy"] = acc
         ref = reference_samples(test, data, seed=stream_seed(seed, 4), dtype=torch.float64, device="cpu")
         if eval_opts.quality:
             s.update(sample_quality(x, ref, seed=stream_seed(seed, 5)))

@@ -647,15 +647,36 @@ def _clear_run(run_dir: Path) -> None:
 # ============================================================================================
 # the runs
 # ============================================================================================
-def _val_loss_fn(loss_fn, val_x0: torch.Tensor, seed: int):
-    """``eval_fn(ema_model, step) -> {"val_loss": ...}``: the training loss on a fixed validation batch and noise."""
+def _val_loss_fn(loss_fn, val_x0: torch.Tensor, seed: int, val_y: Optional[torch.Tensor] = None):
+    """``eval_fn(ema_model, step) -> {"val_loss": ...}``: the training loss on a fixed validation batch and noise
+    (with its labels ``val_y`` for a class-conditional loss)."""
 
     def eval_fn(ema_model, step):
         g = _generator(seed, val_x0.device)
         with torch.no_grad():
-            return {"val_loss": float(loss_fn(ema_model, val_x0, g))}
+            args = () if val_y is None else (val_y,)
+            return {"val_loss": float(loss_fn(ema_model, val_x0, g, *args))}
 
     return eval_fn
+
+
+def make_loss_fn(model, loss: dict, data: DataOptions):
+    """The training loss of a run: ``get_loss_fn(sde, **loss)``; for a network conditioned on the augmentation
+    (``aug_cond``) the non-leaking noise mixture (``conditioned_noise_mixture``); for a class-conditional network
+    (``model.num_classes``) label dropout with ``loss["p_uncond"]`` (``class_conditional``), whose loss then takes
+    the batch's labels."""
+    from .losses import class_conditional, conditioned_noise_mixture, get_loss_fn
+
+    loss = dict(loss)
+    p_uncond = loss.pop("p_uncond", None)  # None: class_conditional's default
+    loss_fn = get_loss_fn(model.sde, **loss)
+    if getattr(model.net, "aug_cond", False):
+        loss_fn = conditioned_noise_mixture(loss_fn, data.noise_mixture_prob, data.noise_mixture_std_min,
+                                            data.noise_mixture_std_max)
+    if model.num_classes is not None:
+        kw = {} if p_uncond is None else {"p_uncond": p_uncond}
+        loss_fn = class_conditional(loss_fn, model.num_classes, **kw)
+    return loss_fn
 
 
 def _spec_for(c: RunConfig, train_ds) -> dict:
@@ -676,7 +697,6 @@ def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True
 
     Returns ``(TrainResult or None, seconds)``; ``None`` for the oracle (nothing to train).
     """
-    from .losses import conditioned_noise_mixture, get_loss_fn
     from .train import train
 
     train_ds = load_split(c.data, "train", seed=c.seed)
@@ -687,17 +707,20 @@ def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True
         log.info("model=oracle: the exact score of the data's mixture; nothing to train")
         return None, 0.0
     model = build.build_model(spec, device=device, dtype=dtype)
-    loss_fn = get_loss_fn(model.sde, **c.loss)
-    aug_cond = bool(getattr(model.net, "aug_cond", False))  # non-leaking noise mixture: the loss applies it
-    if aug_cond:
-        loss_fn = conditioned_noise_mixture(loss_fn, c.data.noise_mixture_prob, c.data.noise_mixture_std_min,
-                                            c.data.noise_mixture_std_max)
+    loss_fn = make_loss_fn(model, c.loss, c.data)
+    aug_cond = bool(getattr(model.net, "aug_cond", False))
+    labels = None
+    if model.num_classes is not None:
+        if train_ds.labels is None:
+            raise ValueError(f"model.num_classes={model.num_classes}: data={c.data.name!r} has no labels")
+        labels = train_ds.labels
     prepare = make_prepare(c.data, train_ds.levels, dtype, conditioned=aug_cond)
     eval_fn = None
     if c.train.eval_every > 0:
         val_ds = load_split(c.data, "val", seed=c.seed)
         val_x0 = prepare(val_ds.x[: 4 * c.train.batch_size].to(device), _generator(stream_seed(c.seed, 6), device))
-        eval_fn = _val_loss_fn(loss_fn, val_x0, stream_seed(c.seed, 7))
+        val_y = None if labels is None else val_ds.labels[: 4 * c.train.batch_size].to(device)
+        eval_fn = _val_loss_fn(loss_fn, val_x0, stream_seed(c.seed, 7), val_y)
     options = dataclasses.replace(c.train, seed=c.seed)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training %s (%s parameters) on %s (%d examples), sde=%s, continuous=%s, %d steps, device=%s",
@@ -706,7 +729,7 @@ def train_model(c: RunConfig, outdir: Path, device, dtype, progress: bool = True
     t0 = time.perf_counter()
     kwargs = {"callback": callback} if callback is not None else {}
     result = train(model, loss_fn, train_ds.x, options, outdir, prepare=prepare, eval_fn=eval_fn, resume=resume,
-                   progress=progress, **kwargs)
+                   progress=progress, labels=labels, **kwargs)
     return result, time.perf_counter() - t0
 
 
@@ -866,8 +889,12 @@ def _score_sde_sampling_eps(sampler: dict, config) -> dict:
 
 
 def run_sample(c, outdir, progress: Optional[bool] = None) -> dict:
-    """Samples from a trained run (``c.ckpt``) with ``c.sampler``: figure, ``samples.pt``, NFE and quality."""
-    return _evaluate_saved_run(c, outdir, progress, c.sampler, do_nll=False)
+    """Samples from a trained run (``c.ckpt``) with ``c.sampler``: figure, ``samples.pt``, NFE and quality; conditioned
+    and guided by ``c.guidance``, ``c.class_label``, ``c.classifier`` (``evaluate.GuidanceOptions``) where given."""
+    from .evaluate import GuidanceOptions
+
+    guide = GuidanceOptions(getattr(c, "guidance", 0.0), getattr(c, "class_label", None), getattr(c, "classifier", None))
+    return _evaluate_saved_run(c, outdir, progress, c.sampler, do_nll=False, guidance=guide)
 
 
 def run_nll(c, outdir, progress: Optional[bool] = None) -> dict:

@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 import scoresde.config as C
 from scoresde import build, samplers
-from scoresde.losses import get_loss_fn
+from scoresde.losses import class_conditional, get_loss_fn
 from scoresde.runs import RunConfig
 from scoresde.sde import VESDE, VPSDE, SubVPSDE
 from scoresde.train import TrainOptions
@@ -74,6 +74,7 @@ def test_config_defaults_equal_the_library_signature_defaults():
     d = _schema_defaults(C.TrainSchema)
     lib = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.name != "seed"}
     lib.update(_signature_defaults(get_loss_fn, ("sde",)))
+    lib.update(_signature_defaults(class_conditional, ("loss_fn", "num_classes")))  # label dropout: train.p_uncond
     assert d == lib
 
 
