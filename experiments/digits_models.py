@@ -31,6 +31,14 @@ training checkpoint carries its spec. ``--ckpt-root DIR`` copies each selected (
 ``DIR/<model>/best.pt``, with ``metrics.json`` beside it (best step, val and test bits/dim);
 ``scoresde.build.load(DIR/<model>/best.pt)`` rebuilds ``(model, sde)`` from the checkpoint alone, and
 ``--reevaluate`` reloads the models that way.
+
+Sample quality (``--fd-sets S``, default 0 = off): the selected checkpoint draws ``S`` sets of 300 samples (as many as
+test images) with ancestral sampling (``method=pc, predictor=ancestral, corrector=none``, ``--fd-steps`` steps, then
+Tweedie's denoising; DDPM's posterior step for VP, SMLD's for VE; the same sampler for every model), and each set
+is scored by ``scoresde.evaluate.image_quality``: Fréchet distance to the test split on the digits classifier's
+features and k-NN precision / recall (k = 3), each with its floor (300 training images vs the test split). The
+table reports the mean over the sets and their standard deviation. ``--weighting likelihood`` rows are labelled
+``vp (g^2)`` / ``subvp (g^2)``.
 """
 
 from __future__ import annotations
@@ -122,6 +130,42 @@ def bpd(model, sde, k, probes, seed, rtol, eps=1e-5):
                             options={"first_step": 1e-3})
 
 
+def samples_quality(model, sde, shape, sets: int, steps: int, seed: int = 0) -> dict:
+    """FD / precision / recall (``image_quality``, classifier features of the digits) of ``sets`` sets of ``N_TEST``
+    ancestral samples of per-sample ``shape`` (``pc``, ``steps`` steps; scored as ``(1, 8, 8)`` images), each against the test split; the floor from ``N_TEST`` training images.
+
+    Set ``j`` uses the sampling seed ``seed + j``. Returns the per-set values and their mean / standard deviation.
+    """
+    from scoresde.evaluate import EvalOptions, draw_samples, image_quality
+    from scoresde.runs import load_split
+
+    data = DataOptions(name="digits", centered=True)
+    test = load_split(data, "test", seed=0)
+    sampler = {"method": "pc", "predictor": "ancestral", "corrector": "none", "steps": steps}
+    per, c0 = [], time.process_time()
+    for j in range(sets):
+        x, nfes, _ = draw_samples(model.score_fn, sde, shape, sampler, N_TEST, N_TEST, seed + j, "cpu", torch.float32)
+        x = x.reshape(-1, 1, 8, 8)
+        q = image_quality(x, test, data, EvalOptions(n_samples=N_TEST), seed=0, device="cpu")
+        q["nfe"] = nfes[0]
+        per.append(q)
+    out = {"sampler": sampler, "sets": per, "cpu_s": time.process_time() - c0}
+    for k in ("fd", "precision", "recall"):
+        v = np.array([q[k] for q in per])
+        out[k], out[k + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    for k in ("fd_floor", "precision_floor", "recall_floor", "nfe"):
+        out[k] = per[0][k]
+    print(f"samples: FD {out['fd']:.1f} +- {out['fd_sd']:.1f} (floor {out['fd_floor']:.1f}), precision {out['precision']:.3f} "
+          f"recall {out['recall']:.3f} (floor {out['precision_floor']:.3f} / {out['recall_floor']:.3f}), NFE {out['nfe']}", flush=True)
+    return out
+
+
+def label(row: dict) -> str:
+    """The table's name of a row: the model, with `` (g^2)`` for the likelihood-weighted VP / sub-VP."""
+    lw = row.get("recipe", {}).get("loss", "").startswith("g^2")
+    return row["model"] + (" (g^2)" if lw else "")
+
+
 def run_model(kind, a, tr, va, te, root: Path) -> dict:
     data = _data_entry(DataOptions(name="digits", centered=True, noise_mixture_prob=a.aug_prob,
                                    noise_mixture_std_min=a.aug_std_min, noise_mixture_std_max=a.aug_std_max), LEVELS)
@@ -195,6 +239,9 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
         e = evaluate_elbo(model.ddpm_eps_fn(), sde, te, levels=LEVELS, centered=True, batch_size=len(te),
                           generator=torch.Generator().manual_seed(99), dtype=torch.float32)
         out.update(test_elbo_bpd=e.mean, test_elbo_se=e.stderr, elbo_eval_s=time.time() - t0)
+    if a.fd_sets > 0:
+        shape = (1, 8, 8) if a.net == "convnet" else (64,)
+        out["samples"] = samples_quality(model, sde, shape, a.fd_sets, a.fd_steps)
     if a.ckpt_root:
         dest = Path(a.ckpt_root) / kind
         dest.mkdir(parents=True, exist_ok=True)
@@ -295,49 +342,97 @@ def meta_info(a) -> dict:
             "args": vars(a), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def write_tables(out: str, runs: list[dict]) -> None:
-    """``out.md`` and ``out.csv`` from the JSON records of one or more runs (baselines from the first)."""
-    base = runs[0]["baselines"]
-    rows = [r for run in runs for r in run["rows"]]
+def _model_rows(runs: list[dict]) -> list[dict]:
     order = {k: i for i, k in enumerate(MODELS)}
-    rows.sort(key=lambda r: order[r["model"]])
+    rows = [r for run in runs for r in run["rows"]]
+    return sorted(rows, key=lambda r: (order[r["model"]], label(r)))
+
+
+def _net(row: dict) -> str:
+    rec = row.get("recipe", {})
+    return f"ConvScoreNet (ch {rec['ch']})" if rec.get("net") == "convnet" else f"MLP (hidden {rec.get('hidden')}, depth {rec.get('depth')})"
+
+
+def write_tables(out: str, runs: list[dict], previous: list[dict] | None = None, previous_name: str = "") -> None:
+    """``out.md`` and ``out.csv`` from the JSON records of one or more runs (baselines from the first).
+
+    ``previous``: the runs of an earlier table (for example the MLP's), whose rows are listed in a second table for
+    comparison (named by ``previous_name``, the file they come from); they are not written to the csv.
+    """
+    base = runs[0]["baselines"]
+    rows = _model_rows(runs)
     best = min(base, key=lambda b: b["test_bpd"])
-    lines = ["# Digits: score models vs full-covariance GMM (test bits/dim, PF-ODE, uniform dequantisation)", ""]
+    nets = sorted({_net(r) for r in rows})
+    lines = [f"# Digits: score models ({', '.join(nets)}) vs full-covariance GMM (test bits/dim, PF-ODE, uniform dequantisation)", ""]
     for run in runs:
         m = run["meta"]
         lines += [f"Command: `{m['command']}`  ", f"Commit {m['commit']}; {m['machine']}; {m.get('date', '')}.", ""]
     excl = lambda r: (r["test_bpd"] * N_TEST - r["test_max"]) / (N_TEST - 1)  # diagnostic only
-    lines += ["| model | params | steps (best) | train wall min | train CPU min | val bpd | test bpd (mean +- se) | median | worst | "
-              "mean without the worst image | test NFE | mean beats best GMM? |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    header = ("| model | params | steps (best) | steps/s | train wall min | train CPU min | val bpd | test bpd (mean +- se) | median | worst | "
+              "mean without the worst image | test NFE | mean beats best GMM? |")
+    lines += [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for b in base:
-        lines.append(f"| {b['model']}: K={b['K']}, reg_covar={b['reg_covar']:g} | | | | | {b['val_bpd']:.3f} | "
+        lines.append(f"| {b['model']}: K={b['K']}, reg_covar={b['reg_covar']:g} | | | | | | {b['val_bpd']:.3f} | "
                      f"{b['test_bpd']:.3f} +- {b['test_se']:.3f} | {b.get('test_median', float('nan')):.3f} | "
                      f"{b.get('test_max', float('nan')):.2f} | {excl(b):.3f} | | |")
-    for r in rows:
+
+    def model_line(r):
         verdict = "yes" if r["test_bpd"] < best["test_bpd"] else "no"
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['steps']} ({r['best_step']}) | {r['train_wall_s'] / 60:.1f} | "
-                     f"{r['train_cpu_s'] / 60:.1f} | {r['val_bpd']:.3f} | {r['test_bpd']:.3f} +- {r['test_se']:.3f} | "
-                     f"{r['test_median']:.3f} | {r['test_max']:.4g} | {excl(r):.3f} | {r['test_nfe']} | {verdict} |")
-    lines.append("")
+        # steps/s over the training wall time, which includes the validation evaluations (listed separately in the csv)
+        sps = r["steps"] / max(r["train_cpu_s"] - r.get("val_eval_cpu_s", 0.0), 1e-9)
+        return (f"| {label(r)} | {r['params']:,} | {r['steps']} ({r['best_step']}) | {sps:.1f} | {r['train_wall_s'] / 60:.1f} | "
+                f"{r['train_cpu_s'] / 60:.1f} | {r['val_bpd']:.3f} | {r['test_bpd']:.3f} +- {r['test_se']:.3f} | "
+                f"{r['test_median']:.3f} | {r['test_max']:.4g} | {excl(r):.3f} | {r['test_nfe']} | {verdict} |")
+
+    lines += [model_line(r) for r in rows]
+    lines += ["", "Steps/s: optimiser steps per CPU second of training, validation evaluations excluded; train CPU min includes them.", ""]
     for r in rows:
         if "test_elbo_bpd" in r:
             lines.append(f"DDPM discrete ELBO (all 1000 terms, large variance) on the test split: "
                          f"{r['test_elbo_bpd']:.3f} +- {r['test_elbo_se']:.3f} bits/dim.")
+    sq = [r for r in rows if "samples" in r]
+    if sq:
+        s0 = sq[0]["samples"]
+        smp = s0["sampler"]
+        lines += ["", f"Sample quality: {len(s0['sets'])} sets of {N_TEST} samples per model, {smp['method']} with predictor "
+                  f"{smp['predictor']}, corrector {smp['corrector']}, {smp['steps']} steps (+ Tweedie denoising); each set against the "
+                  f"test split on the digits classifier's features (`scoresde.evaluate.image_quality`): Fréchet distance and k-NN "
+                  f"precision / recall (k = 3). Floor: {N_TEST} training images scored the same way: FD {s0['fd_floor']:.1f}, precision / "
+                  f"recall {s0['precision_floor']:.2f} / {s0['recall_floor']:.2f}.", "",
+                  "| model | NFE | FD (mean +- sd over sets) | FD / floor | FD per set | precision | recall | sampling + scoring CPU s |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for r in sq:
+            s = r["samples"]
+            lines.append(f"| {label(r)} | {s['nfe']} | {s['fd']:.1f} +- {s['fd_sd']:.1f} | {s['fd'] / s['fd_floor']:.2f} | "
+                         f"{', '.join('%.1f' % q['fd'] for q in s['sets'])} | {s['precision']:.3f} | {s['recall']:.3f} | {s['cpu_s']:.0f} |")
+    if previous:
+        prev = _model_rows(previous)
+        lines += ["", f"Previous table for comparison ({previous_name}; {', '.join(sorted({_net(r) for r in prev}))}, "
+                  "its own recipe, below; same data, split, baselines and bits/dim evaluation):", "", header,
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += [model_line(r) for r in prev]
+        for r in prev:
+            if "test_elbo_bpd" in r:
+                lines.append(f"\nDDPM discrete ELBO there: {r['test_elbo_bpd']:.3f} +- {r['test_elbo_se']:.3f} bits/dim.")
     lines += ["", "Recipes:", ""]
     for r in rows:
-        lines.append(f"- {r['model']}: " + ", ".join(f"{k} {v}" for k, v in r["recipe"].items()))
+        lines.append(f"- {label(r)}: " + ", ".join(f"{k} {v}" for k, v in r["recipe"].items()))
     lines += ["", "Validation curves (step: val bpd):", ""]
     for r in rows:
-        lines.append(f"- {r['model']}: " + ", ".join(f"{s}: {v:.3f}" for s, v in r["val_curve"]))
+        lines.append(f"- {label(r)}: " + ", ".join(f"{s}: {v:.3f}" for s, v in r["val_curve"]))
     Path(out + ".md").write_text("\n".join(lines) + "\n")
-    fields = ["model", "K", "reg_covar", "params", "steps", "best_step", "train_wall_s", "train_cpu_s", "val_eval_cpu_s",
-              "val_bpd", "test_bpd", "test_se", "test_median", "test_max", "test_nfe", "test_elbo_bpd", "test_elbo_se"]
+    fields = ["model", "label", "net", "K", "reg_covar", "params", "steps", "best_step", "train_wall_s", "train_cpu_s", "val_eval_cpu_s",
+              "val_bpd", "test_bpd", "test_se", "test_median", "test_max", "test_nfe", "test_elbo_bpd", "test_elbo_se",
+              "fd", "fd_sd", "fd_floor", "precision", "recall", "precision_floor", "recall_floor", "sample_nfe"]
     with open(out + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        for r in base + rows:
+        for r in base:
             w.writerow(r)
+        for r in rows:
+            s = r.get("samples", {})
+            w.writerow({**r, "label": label(r), "net": _net(r), **{k: s[k] for k in fields if k in s},
+                        **({"sample_nfe": s["nfe"]} if s else {})})
 
 
 def main(argv=None):
@@ -370,10 +465,13 @@ def main(argv=None):
     p.add_argument("--test-probes", type=int, default=4)
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fd-sets", type=int, default=0, help="sets of 300 ancestral samples scored by FD / precision / recall (0: off)")
+    p.add_argument("--fd-steps", type=int, default=100, help="ancestral sampling steps for --fd-sets")
     p.add_argument("--workdir", default="runs/digits_models")
     p.add_argument("--ckpt-root", default=None, help="copy each selected checkpoint to CKPT_ROOT/<model>/")
     p.add_argument("--out", default=None, help="write OUT.json (and OUT.md, OUT.csv)")
     p.add_argument("--collate", nargs="+", default=None, help="only merge these OUT.json files into --out .md/.csv")
+    p.add_argument("--previous", default=None, help="with --collate: a collated .json whose rows the .md lists in a second table")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--reevaluate", default=None, help="OUT.json of a finished run: choose eps on val for --models, rescore test")
     p.add_argument("--eval-stds", nargs="+", type=float, default=[0.005, 0.01, 0.02, 0.04],
@@ -395,7 +493,8 @@ def main(argv=None):
         flat = lambda s: load_dataset("digits", s).x.reshape(-1, 64).long()
         runs[0]["baselines"] = baselines(flat("train"), flat("val"), flat("test"), runs[0]["meta"]["args"]["seed"])
         Path(a.out + ".json").write_text(json.dumps({"runs": runs}, indent=1))
-        write_tables(a.out, runs)
+        previous = json.loads(Path(a.previous).read_text())["runs"] if a.previous else None
+        write_tables(a.out, runs, previous, a.previous or "")
         return
     flat = lambda s: load_dataset("digits", s).x.reshape(-1, 64).long()
     tr, va, te = flat("train"), flat("val"), flat("test")
