@@ -1,5 +1,5 @@
-"""Command-line entry points: ``scoresde-train``, ``-sample``, ``-nll``, ``-compare``, ``-export``, ``-distill`` (Hydra
-apps) and ``-report``.
+"""Command-line entry points: ``scoresde-train``, ``-sample``, ``-nll``, ``-compare``, ``-export``, ``-distill``,
+``-train-classifier`` (Hydra apps) and ``-report``.
 
 Each Hydra app composes its config from ``scoresde/configs`` (schemas: ``scoresde.config``), validates it
 before any work, turns it into plain objects (``config.to_run``) and hands them to the library
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from . import config as C
 
-__all__ = ["precheck", "train_main", "sample_main", "nll_main", "compare_main", "export_main", "distill_main",
+__all__ = ["precheck", "train_main", "sample_main", "nll_main", "compare_main", "export_main", "distill_main", "train_classifier_main",
            "report_main", "CollateCallback"]
 
 log = logging.getLogger("scoresde")
@@ -268,6 +268,14 @@ def distill_main(argv=None) -> None:
     _run_app("distill", lambda options, outdir: run_distill(options), argv)
 
 
+def train_classifier_main(argv=None) -> None:
+    """``scoresde-train-classifier [dataset=digits] [sde=vp] [n_steps=1000] [workdir=DIR] ...``: a noise-conditional
+    classifier for classifier guidance (``scoresde.classifier.run_train_classifier``)."""
+    from .classifier import run_train_classifier
+
+    _run_app("train_classifier", lambda options, outdir: run_train_classifier(options), argv)
+
+
 def report_main(argv=None) -> None:
     """``scoresde-report DIR [DIR ...] [--out OUT] [--metrics k1,k2] [--name report]``: collate runs."""
     from .report import collate_runs
@@ -308,8 +316,9 @@ class CollateCallback(_callback_base()):
             log.info("nothing to collate: %s", e)
 
 
-if __name__ == "__main__":  # python -m scoresde.cli {train,sample,nll,compare,report} ...
-    cmds = {"train": train_main, "sample": sample_main, "nll": nll_main, "compare": compare_main, "report": report_main}
+if __name__ == "__main__":  # python -m scoresde.cli {train,sample,nll,compare,export,distill,train-classifier,report} ...
+    cmds = {"train": train_main, "sample": sample_main, "nll": nll_main, "compare": compare_main, "export": export_main,
+            "distill": distill_main, "train-classifier": train_classifier_main, "report": report_main}
     if len(sys.argv) < 2 or sys.argv[1] not in cmds:
         _fail(f"usage: python -m scoresde.cli {{{','.join(cmds)}}} [args]")
     cmd = sys.argv.pop(1)

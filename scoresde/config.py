@@ -35,6 +35,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from . import build, samplers
 from .compare import CompareConfig, CompareOptions
+from .classifier import ClassifierOptions
 from .distill import DistillOptions
 from .export import ExportOptions
 from .evaluate import EvalOptions, GuidanceOptions
@@ -205,7 +206,8 @@ def register_configs() -> None:
         for name, schema in table.items():
             cs.store(group=f"schema/{group}", name=name, node=schema)
     for name, schema in (("train", TrainAppConfig), ("sample", SampleAppConfig), ("nll", NLLAppConfig),
-                         ("compare", CompareAppConfig), ("export", ExportOptions), ("distill", DistillOptions)):
+                         ("compare", CompareAppConfig), ("export", ExportOptions), ("distill", DistillOptions),
+                         ("train_classifier", ClassifierOptions)):
         cs.store(name=f"schema_{name}", node=schema)
     _REGISTERED = True
 
@@ -441,8 +443,9 @@ def validate(cfg):
     return c
 
 
-# apps whose schema is a library options class itself, with top-level keys (``scoresde-export``, ``scoresde-distill``)
-OPTIONS_APPS = (ExportOptions, DistillOptions)
+# apps whose schema is a library options class itself, with top-level keys (``scoresde-export``, ``scoresde-distill``,
+# ``scoresde-train-classifier``)
+OPTIONS_APPS = (ExportOptions, DistillOptions, ClassifierOptions)
 
 
 def _options_app(cfg, cls):

@@ -1,4 +1,5 @@
-"""scoresde-export and scoresde-distill: the library's options as Hydra apps (one line then exit 2 on bad input)."""
+"""scoresde-export, scoresde-distill and scoresde-train-classifier: the library's options as Hydra apps (one line
+then exit 2 on bad input)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,44 @@ def test_distill_runs_from_the_command_line(tmp_path):
                   "batch_size=64", "progress=false", f"workdir={work}"])
     rounds = [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in rounds] == [4, 2]
+
+
+def test_train_classifier_yaml_lists_every_option_with_its_default():
+    """``configs/train_classifier.yaml`` is ClassifierOptions' fields with their defaults, nothing else."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from scoresde.classifier import ClassifierOptions
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "scoresde/configs/train_classifier.yaml").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("defaults", "hydra")}
+    lib = {f.name: (list(f.default) if isinstance(f.default, tuple) else f.default)
+           for f in dataclasses.fields(ClassifierOptions)}
+    assert cfg == lib
+
+
+def test_classifier_guidance_from_the_command_line(tiny_run, tmp_path, capsys):
+    """scoresde-train-classifier on the gmm, then classifier-guided sampling of the unconditional tiny run."""
+    from scoresde.cli import sample_main, train_classifier_main
+
+    clf = tmp_path / "clf"
+    train_classifier_main(["dataset=gmm", "n_steps=20", "batch_size=32", "n_train=200", "n_eval=50", "hidden=16",
+                           "depth=1", "progress=false", f"workdir={clf}"])
+    m = json.loads((clf / "metrics.json").read_text())
+    assert m["dataset"] == "gmm" and m["train_steps"] == 20 and m["n_test"] == 50
+    assert set(m["accuracy"]) == {"0.01", "0.1", "0.3", "0.5", "0.8"} and (clf / "checkpoint.pt").is_file()
+    out = tmp_path / "s"
+    sample_main([f"ckpt={tiny_run}", f"classifier={clf}", "guidance=1", "class_label=2", "sampler=dpm_solver",
+                 "sampler.steps=4", "eval=tiny", "eval.n_samples=8", "progress=false", f"hydra.run.dir={out}"])
+    s = json.loads((out / "metrics.json").read_text())["samples"]
+    assert s["classifier"] == str(clf) and s["guidance"] == 1 and s["class_label"] == 2 and s["nfe"] == 4
+    assert torch.equal(torch.load(out / "labels.pt"), torch.full((8,), 2))
+    with pytest.raises(SystemExit) as e:  # 5 gmm classes: label 5 does not exist
+        sample_main([f"ckpt={tiny_run}", f"classifier={clf}", "guidance=1", "class_label=5", "eval=tiny",
+                     "progress=false", f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert e.value.code == 2 and "class_label must lie in [0, 4]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_classifier_main(["dataset=moons", f"workdir={tmp_path / 'c2'}"])
+    assert e.value.code == 2 and "dataset" in capsys.readouterr().err
