@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._validate import check_choice, check_int, check_positive
+from ._validate import check_bool, check_choice, check_int, check_positive
 from .model import VP_TIME_SCALE
 from .samplers._common import end_time, time_grid
 from .sde import SDE, SubVPSDE, VPSDE, batch_broadcast
@@ -52,7 +52,7 @@ __all__ = [
     "Student", "PARAMETERIZATIONS", "GRID_SCHEDULES", "distill_grid", "teacher_from_score", "progressive_loss", "one_step_target",
     "sample_student", "ProgressiveOptions", "progressive_distillation", "DistillOptions", "run_distill", "mixture_2d",
     "ConsistencyModel", "consistency_loss", "ct_schedule", "sample_consistency", "teacher_eps_from_score", "consistency_times",
-    "ict_schedule", "lognormal_interval_probs", "improved_ct_loss", "TeacherRun", "load_teacher_run", "teacher_training_data", "student_network", "quality_scorer", "evaluate_sets", "TEACHERS", "NON_DEFINING",
+    "ict_schedule", "lognormal_interval_probs", "improved_ct_loss", "TeacherRun", "load_teacher_run", "teacher_training_data", "student_network", "clipped", "quality_scorer", "evaluate_sets", "TEACHERS", "NON_DEFINING",
 ]
 
 PARAMETERIZATIONS = ("v", "x")
@@ -110,6 +110,30 @@ def teacher_from_score(score_fn, sde: SDE) -> X0Fn:
         return (z + batch_broadcast(s * s, z) * score_fn(z, t)) / batch_broadcast(m, z)
 
     return x0
+
+
+def clipped(x0_fn: X0Fn, clip: Optional[tuple] = None) -> X0Fn:
+    """``x_hat(z, t)`` clamped to ``clip = (lo, hi)``, the data range of bounded data (``None``: ``x0_fn`` itself).
+
+    An ``eps``-predicting teacher's ``x_hat = (z - s eps_hat) / m`` multiplies its error by ``s / m`` (about 150 at
+    ``t = T`` for the default VP SDE: 72 % of the quickstart model's pixels there lie outside [-1, 1]); clamping to the
+    data range, as DDPM / DDIM samplers do for images, keeps those targets on the data's scale."""
+    if clip is None:
+        return x0_fn
+    lo, hi = _check_clip(clip)
+
+    def x0(z, t):
+        return x0_fn(z, t).clamp(lo, hi)
+
+    return x0
+
+
+def _check_clip(clip) -> tuple[float, float]:
+    ok = isinstance(clip, (tuple, list)) and len(clip) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in clip) and clip[0] < clip[1]
+    if not ok:
+        raise ValueError(f"clip must be None or (lo, hi) with finite lo < hi; got {clip!r}")
+    return float(clip[0]), float(clip[1])
 
 
 def distill_grid(sde: SDE, steps: int, eps: Optional[float] = None, schedule: str = "logSNR") -> torch.Tensor:
@@ -171,11 +195,13 @@ def progressive_loss(teacher_x0: X0Fn, sde: SDE, student_steps: int, teacher_per
 
 @torch.no_grad()
 def sample_student(x0_fn: X0Fn, sde: SDE, steps: int, shape, generator: Optional[torch.Generator] = None, eps: Optional[float] = None,
-                   schedule: str = "logSNR", device=None, dtype=torch.float32, x_T: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
-    """DDIM with the data prediction ``x0_fn`` (a ``Student``'s ``x0`` or a teacher) on ``distill_grid``: from
-    ``z_T ~ N(0, I)`` (``shape = (B, *dims)``) to ``x = x_hat(z_{t_{N-1}}, t_{N-1})`` at ``t = 0``. Returns the samples
-    and the NFE (``steps``, counted)."""
+                   schedule: str = "logSNR", device=None, dtype=torch.float32, x_T: Optional[torch.Tensor] = None,
+                   clip: Optional[tuple] = None) -> tuple[torch.Tensor, int]:
+    """DDIM with the data prediction ``x0_fn`` (a ``Student``'s ``x0`` or a teacher; clamped to ``clip = (lo, hi)`` when
+    given, see ``clipped``) on ``distill_grid``: from ``z_T ~ N(0, I)`` (``shape = (B, *dims)``) to
+    ``x = x_hat(z_{t_{N-1}}, t_{N-1})`` at ``t = 0``. Returns the samples and the NFE (``steps``, counted)."""
     check_int("steps", steps)
+    x0_fn = clipped(x0_fn, clip)
     grid = distill_grid(sde, steps, eps, schedule)
     z = x_T if x_T is not None else sde.prior_std * torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     m, s = _table(sde, grid, z)
@@ -193,12 +219,15 @@ def sample_student(x0_fn: X0Fn, sde: SDE, steps: int, shape, generator: Optional
 class ProgressiveOptions:
     """Progressive distillation: ``start_steps`` (a power of 2: round 0 fits the teacher's data prediction there),
     then halve down to ``final_steps``; grid ``distill_grid(sde, ., eps, schedule)``; ``train``: the options of every
-    round's ``scoresde.train.train`` call (``n_steps`` per round)."""
+    round's ``scoresde.train.train`` call (``n_steps`` per round). ``clip = (lo, hi)``: every teacher's data prediction
+    (the given teacher's, then each round's student's) is clamped to the data range before its DDIM steps make the
+    targets (``clipped``; ``None``: not clamped)."""
 
     start_steps: int = 64
     final_steps: int = 1
     eps: Optional[float] = None
     schedule: str = "logSNR"
+    clip: Optional[tuple] = None
     train: TrainOptions = field(default_factory=lambda: TrainOptions(n_steps=2000, batch_size=256, lr=1e-3, warmup=0,
                                                                      ema_rate=0.999, log_every=500))
 
@@ -213,6 +242,8 @@ class ProgressiveOptions:
             raise ValueError(f"final_steps must be <= start_steps = {self.start_steps}; got {self.final_steps!r}")
         check_positive("eps", self.eps, optional=True)
         check_choice("schedule", self.schedule, GRID_SCHEDULES)
+        if self.clip is not None:
+            self.clip = _check_clip(self.clip)
         if not isinstance(self.train, TrainOptions):
             raise TypeError(f"train must be a TrainOptions; got {type(self.train).__name__}")
 
@@ -247,7 +278,7 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
     if not isinstance(options, ProgressiveOptions):
         raise TypeError(f"options must be a ProgressiveOptions; got {type(options).__name__}")
     workdir = Path(workdir)
-    records, teacher = [], teacher_x0
+    records, teacher = [], clipped(teacher_x0, options.clip)
     for k, (steps, per) in enumerate(options.rounds()):
         loss_fn = progressive_loss(teacher, sde, steps, per, options.eps, options.schedule)
         t0 = time.perf_counter()
@@ -256,7 +287,7 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
         seconds = time.perf_counter() - t0
         ema = _ema_module(result)
         student.load_state_dict(ema.state_dict())  # the next round's student starts from this round's EMA weights
-        teacher = ema.x0
+        teacher = clipped(ema.x0, options.clip)
         rec = {"round": k, "steps": steps, "teacher_per_step": per, "train_steps": result.step, "seconds": round(seconds, 2)}
         if eval_fn is not None:
             rec.update(eval_fn(ema, steps))
@@ -486,6 +517,13 @@ class TeacherRun:
     def identity(self) -> dict:
         return {"step": self.step, "run_hash": self.run_hash}
 
+    def data_range(self) -> Optional[tuple]:
+        """``(-1, 1)`` (centred) or ``(0, 1)`` for discrete data (bounded on the model's scale, dequantised included);
+        ``None`` for continuous data."""
+        if self.levels is None:
+            return None
+        return (-1.0, 1.0) if self.data.centered else (0.0, 1.0)
+
 
 def load_teacher_run(path, device=None) -> TeacherRun:
     """Load a trained run (a ``scoresde-train`` run directory or one of its checkpoint files) as a teacher with
@@ -575,7 +613,9 @@ class DistillOptions:
     ``n_data`` training examples; or ``"run"``, a trained ``scoresde-train`` run (``teacher_run``: its directory or a
     checkpoint file; continuous VP / sub-VP), which brings its SDE, its network class (the student's, initialised from the
     teacher's weights with ``student_init="auto"``/``"teacher"``, fresh with ``"random"``) and its training split, put on
-    the model's scale as in training (``teacher_training_data``). ``parameterization``: ``v`` or ``x``. Evaluation:
+    the model's scale as in training (``teacher_training_data``); ``clip_x0``: clamp every data prediction that makes a
+    DDIM step (targets and sampling) to the run's data range (discrete data only; ``clipped``).
+    ``parameterization``: ``v`` or ``x``. Evaluation:
     ``eval_sets`` sets of ``n_eval`` samples (one batch each), the metrics averaged over the sets (with ``_sd`` / ``_sets``
     of the headline metric when ``eval_sets > 1``); oracle: MMD^2 against fresh data and z = MMD^2 / std of data-vs-data
     MMD^2 (``z < 3`` is at the noise floor); run: on images of a set with a feature classifier the Fréchet distance and
@@ -595,6 +635,7 @@ class DistillOptions:
     teacher: str = "oracle"
     teacher_run: Optional[str] = None
     student_init: str = "auto"
+    clip_x0: bool = False
     mixture: str = "benchmark"
     sde: str = "vp"
     start_steps: int = 64
@@ -669,6 +710,12 @@ class DistillOptions:
             if self.student_init == "teacher":
                 raise ValueError("student_init='teacher' needs a teacher network (teacher='run'); the oracle has none: "
                                  "use 'auto' or 'random'")
+            if self.clip_x0 is not False:
+                raise ValueError(f"clip_x0 clamps to a run's bounded data range (teacher='run'); the oracle's data are "
+                                 f"unbounded; got clip_x0={self.clip_x0!r}")
+        check_bool("clip_x0", self.clip_x0)
+        if self.clip_x0 and self.method != "progressive":
+            raise ValueError(f"clip_x0 applies to method='progressive' (DDIM steps); got method={self.method!r}")
 
 
 MIXTURES = ("benchmark", "gmm")
@@ -759,6 +806,7 @@ class _Setup:
     shape: tuple
     score: Callable
     identity: dict
+    clip: Optional[tuple] = None
 
 
 def _oracle_setup(o: DistillOptions) -> _Setup:
@@ -775,12 +823,16 @@ def _oracle_setup(o: DistillOptions) -> _Setup:
 
 def _run_setup(o: DistillOptions) -> _Setup:
     teacher = load_teacher_run(o.teacher_run)
+    clip = teacher.data_range() if o.clip_x0 else None
+    if o.clip_x0 and clip is None:
+        raise ValueError(f"clip_x0 needs bounded (discrete) data; the run {o.teacher_run!r} was trained on continuous "
+                         f"data {teacher.data.name!r}")
     data, prepare = teacher_training_data(teacher)
     init = "teacher" if o.student_init == "auto" else o.student_init
     net = student_network(teacher, init, seed=o.seed)
     m = teacher.model
     return _Setup(teacher.sde, m.denoise_fn, m.eps_fn, net, data, prepare, teacher.shape, quality_scorer(teacher, o.seed),
-                  teacher.identity())
+                  teacher.identity(), clip)
 
 
 def _claim_workdir(o: DistillOptions, identity: dict) -> None:
@@ -793,7 +845,8 @@ def _claim_workdir(o: DistillOptions, identity: dict) -> None:
     if path.is_file():
         prev = json.loads(path.read_text())
         prev_opts = prev.get("options", prev)  # the first format held the options only
-        diff = sorted(k for k, v in mine["options"].items() if k not in NON_DEFINING and k in prev_opts and prev_opts[k] != v)
+        defaults = {f.name: f.default for f in dataclasses.fields(DistillOptions)}  # a field newer than the record: its default
+        diff = sorted(k for k, v in mine["options"].items() if k not in NON_DEFINING and prev_opts.get(k, defaults[k]) != v)
         if "teacher" in prev and prev["teacher"] != identity:
             diff.append(f"teacher checkpoint {prev['teacher']} -> {identity}")
         if diff:
@@ -824,12 +877,13 @@ def run_distill(options: DistillOptions) -> list[dict]:
 
 def _run_progressive(o: DistillOptions, st: _Setup, tr: TrainOptions) -> list[dict]:
     student = Student(st.net, st.sde, o.parameterization)
-    popts = ProgressiveOptions(start_steps=o.start_steps, final_steps=o.final_steps, eps=o.eps, schedule=o.schedule, train=tr)
+    popts = ProgressiveOptions(start_steps=o.start_steps, final_steps=o.final_steps, eps=o.eps, schedule=o.schedule, clip=st.clip,
+                               train=tr)
     p = next(st.net.parameters())
 
     def eval_fn(ema, steps):
         draw = lambda g: sample_student(ema.x0, st.sde, steps, (o.n_eval, *st.shape), g, o.eps, o.schedule,  # noqa: E731
-                                        device=p.device, dtype=p.dtype)
+                                        device=p.device, dtype=p.dtype, clip=st.clip)
         return evaluate_sets(draw, st.score, o.eval_sets, o.seed)
 
     return progressive_distillation(st.teacher_x0, st.sde, student, st.data, popts, o.workdir, eval_fn, o.progress,

@@ -14,7 +14,7 @@ import torch
 import scoresde
 from scoresde.build import build_model, model_spec
 from scoresde.distill import (
-    DistillOptions, ProgressiveOptions, Student, load_teacher_run, progressive_distillation, run_distill, student_network,
+    DistillOptions, ProgressiveOptions, Student, load_teacher_run, progressive_distillation, run_distill, sample_student, student_network,
     teacher_training_data,
 )
 from scoresde.losses import get_loss_fn
@@ -180,3 +180,28 @@ def test_scoresde_distill_command_takes_a_run_teacher(teacher_dir, tmp_path):
                   "n_eval=16", "progress=false", f"workdir={work}"])
     rounds = [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in rounds] == [2, 1] and all("fd" in r for r in rounds)
+
+
+def test_clipped_data_predictions(teacher_dir, tmp_path):
+    from scoresde.distill import clipped
+
+    t = load_teacher_run(teacher_dir)
+    assert t.data_range() == (-1.0, 1.0)
+    z, tt = 3 * torch.randn(16, 1, 8, 8), torch.ones(16)
+    raw = t.model.denoise_fn(z, tt)
+    assert float(raw.abs().max()) > 1  # an eps-teacher's x_hat at t = T leaves the data range
+    torch.testing.assert_close(clipped(t.model.denoise_fn, (-1, 1))(z, tt), raw.clamp(-1, 1))
+    assert clipped(t.model.denoise_fn, None) == t.model.denoise_fn  # no clip: the function itself
+    x, _ = sample_student(t.model.denoise_fn, t.sde, 1, (8, 1, 8, 8), torch.Generator().manual_seed(0), clip=(-1, 1))
+    assert float(x.abs().max()) <= 1
+    for bad in ((1, -1), (0, float("inf")), (0,)):
+        with pytest.raises(ValueError, match="clip"):
+            ProgressiveOptions(clip=bad)
+    with pytest.raises(ValueError, match="clip_x0"):
+        DistillOptions(clip_x0=True)  # the oracle's data are unbounded
+    with pytest.raises(ValueError, match="clip_x0"):
+        DistillOptions(teacher="run", teacher_run=str(teacher_dir), clip_x0=True, method="consistency_distillation")
+    recs = run_distill(_opts(teacher_dir, tmp_path / "c", clip_x0=True, eval_sets=1))
+    assert [r["steps"] for r in recs] == [2, 1] and all(r["fd"] == r["fd"] for r in recs)
+    with pytest.raises(ValueError, match="clip_x0"):  # the same workdir without clamping is another distillation
+        run_distill(_opts(teacher_dir, tmp_path / "c", eval_sets=1))
