@@ -35,7 +35,8 @@ def test_score_sde_cifar10_config_maps_to_the_equivalent_run(hydra_ctx):
     assert (k["dropout"], k["embedding_type"], k["resblock_type"], k["skip_rescale"]) == (0.1, "positional", "biggan", True)
     assert (r.train.lr, r.train.warmup, r.train.grad_clip, r.train.ema_rate) == (2e-4, 5000, 1.0, 0.9999)
     assert (r.train.n_steps, r.train.batch_size) == (1300001, 128)
-    assert r.loss == {"continuous": True, "weighting": "default", "importance_sampling": False, "reduce": "mean", "eps": 1e-5}
+    assert r.loss == {"continuous": True, "weighting": "default", "importance_sampling": False, "reduce": "mean", "eps": 1e-5,
+                      "p_uncond": 0.1}  # label dropout, used by class-conditional networks only
     assert (r.sampler["method"], r.sampler["predictor"], r.sampler["corrector"], r.sampler["snr"]) == ("pc", "reverse_diffusion", "langevin", 0.16)
     assert (r.data.name, r.data.centered, r.data.random_flip, r.seed) == ("cifar10", True, True, 42)
 
