@@ -1,5 +1,5 @@
 """Command-line entry points: ``scoresde-train``, ``-sample``, ``-nll``, ``-compare``, ``-export``, ``-distill``,
-``-train-classifier`` (Hydra apps) and ``-report``.
+``-train-classifier``, ``-inpaint`` (Hydra apps) and ``-report``.
 
 Each Hydra app composes its config from ``scoresde/configs`` (schemas: ``scoresde.config``), validates it
 before any work, turns it into plain objects (``config.to_run``) and hands them to the library
@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from . import config as C
 
-__all__ = ["precheck", "train_main", "sample_main", "nll_main", "compare_main", "export_main", "distill_main", "train_classifier_main",
+__all__ = ["precheck", "train_main", "sample_main", "nll_main", "compare_main", "export_main", "distill_main", "train_classifier_main", "inpaint_main",
            "report_main", "CollateCallback"]
 
 log = logging.getLogger("scoresde")
@@ -276,6 +276,14 @@ def train_classifier_main(argv=None) -> None:
     _run_app("train_classifier", lambda options, outdir: run_train_classifier(options), argv)
 
 
+def inpaint_main(argv=None) -> None:
+    """``scoresde-inpaint ckpt=RUN [task=inpaint|colorize] [mask=top_half|...|file.npy] [images=test|file.npy] ...``:
+    complete hidden pixels (or colours) of a trained run's images (``scoresde.controllable.run_inpaint``)."""
+    from .controllable import run_inpaint
+
+    _run_app("inpaint", run_inpaint, argv)
+
+
 def report_main(argv=None) -> None:
     """``scoresde-report DIR [DIR ...] [--out OUT] [--metrics k1,k2] [--name report]``: collate runs."""
     from .report import collate_runs
@@ -316,9 +324,10 @@ class CollateCallback(_callback_base()):
             log.info("nothing to collate: %s", e)
 
 
-if __name__ == "__main__":  # python -m scoresde.cli {train,sample,nll,compare,export,distill,train-classifier,report} ...
+if __name__ == "__main__":  # python -m scoresde.cli {train,sample,nll,...,inpaint,report} ...
     cmds = {"train": train_main, "sample": sample_main, "nll": nll_main, "compare": compare_main, "export": export_main,
-            "distill": distill_main, "train-classifier": train_classifier_main, "report": report_main}
+            "distill": distill_main, "train-classifier": train_classifier_main, "inpaint": inpaint_main,
+            "report": report_main}
     if len(sys.argv) < 2 or sys.argv[1] not in cmds:
         _fail(f"usage: python -m scoresde.cli {{{','.join(cmds)}}} [args]")
     cmd = sys.argv.pop(1)

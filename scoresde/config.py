@@ -36,6 +36,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from . import build, samplers
 from .compare import CompareConfig, CompareOptions
 from .classifier import ClassifierOptions
+from .controllable import InpaintOptions
 from .distill import DistillOptions
 from .export import ExportOptions
 from .evaluate import EvalOptions, GuidanceOptions
@@ -207,7 +208,7 @@ def register_configs() -> None:
             cs.store(group=f"schema/{group}", name=name, node=schema)
     for name, schema in (("train", TrainAppConfig), ("sample", SampleAppConfig), ("nll", NLLAppConfig),
                          ("compare", CompareAppConfig), ("export", ExportOptions), ("distill", DistillOptions),
-                         ("train_classifier", ClassifierOptions)):
+                         ("train_classifier", ClassifierOptions), ("inpaint", InpaintOptions)):
         cs.store(name=f"schema_{name}", node=schema)
     _REGISTERED = True
 
@@ -444,8 +445,8 @@ def validate(cfg):
 
 
 # apps whose schema is a library options class itself, with top-level keys (``scoresde-export``, ``scoresde-distill``,
-# ``scoresde-train-classifier``)
-OPTIONS_APPS = (ExportOptions, DistillOptions, ClassifierOptions)
+# ``scoresde-train-classifier``, ``scoresde-inpaint``)
+OPTIONS_APPS = (ExportOptions, DistillOptions, ClassifierOptions, InpaintOptions)
 
 
 def _options_app(cfg, cls):

@@ -100,3 +100,78 @@ def test_classifier_guidance_from_the_command_line(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_classifier_main(["dataset=moons", f"workdir={tmp_path / 'c2'}"])
     assert e.value.code == 2 and "dataset" in capsys.readouterr().err
+
+
+def test_inpaint_yaml_lists_every_option_with_its_default():
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from scoresde.controllable import InpaintOptions
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "scoresde/configs/inpaint.yaml").read_text())
+    cfg = {k: v for k, v in cfg.items() if k not in ("defaults", "hydra")}
+    assert cfg == {f.name: f.default for f in dataclasses.fields(InpaintOptions)}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    train_main(["train=tiny", "eval=tiny", "progress=false", "data=digits", "data.n_train=64", "data.n_eval=8",
+                "model=convnet", "model.ch=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.num_classes=10",
+                "eval.nll=false", "eval.n_samples=0", f"hydra.run.dir={run}"])
+    return run
+
+
+def test_inpaint_from_the_command_line_keeps_the_known_pixels(digits_run, tmp_path):
+    from scoresde.cli import inpaint_main
+    from scoresde.controllable import named_mask
+
+    out = tmp_path / "ip"
+    inpaint_main([f"ckpt={digits_run}", "mask=top_half", "n_images=3", "samples_per_image=2", "steps=5", "method=pc",
+                  "progress=false", f"hydra.run.dir={out}"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["known_exact"] and m["nfe"] == 5 * 2 + 1 and m["n_images"] == 3  # predictor + corrector, + denoise
+    comps, inputs = torch.load(out / "completions.pt"), torch.load(out / "inputs.pt")
+    assert comps.shape == (3, 2, 1, 8, 8) and inputs.shape == (3, 1, 8, 8)
+    mask = named_mask("top_half", (1, 8, 8))[0]
+    assert torch.equal(comps[:, :, mask], inputs[:, None, mask].expand(3, 2, -1))
+    assert (out / "inpaint.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    q = m["quality"]  # digits: FD / precision / recall of the 6 completed images against the test split
+    assert q["n_floor"] == 6 and q["fd"] > 0 and q["fd_floor"] > 0 and 0 <= q["precision"] <= 1
+
+
+def test_inpaint_with_a_mask_file_ode_and_a_class_label(digits_run, tmp_path):
+    import numpy as np
+
+    from scoresde.cli import inpaint_main
+
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[:, :3] = True
+    np.save(tmp_path / "mask.npy", mask)
+    out = tmp_path / "ip2"
+    inpaint_main([f"ckpt={digits_run}", f"mask={tmp_path / 'mask.npy'}", "n_images=2", "samples_per_image=1",
+                  "method=ode", "steps=3", "class_label=4", "progress=false", f"hydra.run.dir={out}"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["known_exact"] and m["nfe"] == 3 * 2 + 1  # Heun: 2 calls per step, then Tweedie's denoising
+    comps, inputs = torch.load(out / "completions.pt"), torch.load(out / "inputs.pt")
+    assert torch.equal(comps[:, 0, 0, :, :3], inputs[:, 0, :, :3])
+
+
+@pytest.mark.parametrize("args, match", [
+    (["mask=diagonal"], "mask must be one of"),
+    (["task=colorize"], "task=colorize needs 3-channel images"),
+    (["images=holdout"], "images must be one of"),
+    (["method=ddim"], "method must be one of"),
+    (["class_label=11"], r"class_label must lie in \[0, 9\] or be 10"),
+])
+def test_inpaint_bad_options_are_one_line_and_exit_2(digits_run, tmp_path, capsys, args, match):
+    import re
+
+    from scoresde.cli import inpaint_main
+
+    with pytest.raises(SystemExit) as e:
+        inpaint_main([f"ckpt={digits_run}", "progress=false", f"hydra.run.dir={tmp_path / 'bad'}"] + args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(match, err), err
