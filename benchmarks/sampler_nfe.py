@@ -7,8 +7,9 @@ MMD^2 / floor; ``z < 3`` is "at the noise floor". Writes CSV, PNG and a markdown
 
     OMP_NUM_THREADS=1 python benchmarks/sampler_nfe.py [--quick] [--plot-only] [--fewest]
 
-``--fewest``: every fixed-step sampler at every step count up to 60 NFE on the 2-D mixture, the fewest NFE at the
-noise floor (sampler_nfe_fewest.{csv,md}).
+The full run also scans, on the 2-D mixture, every fixed-step sampler at every step count up to ``FEWEST_MAX_NFE``
+NFE and every adaptive sampler over the tolerances ``FEWEST_TOLS``, and lists the fewest NFE at the noise floor of every
+sampler in sampler_nfe.md (and sampler_nfe_fewest.{csv,md}); ``--fewest`` runs only that scan.
 """
 
 from __future__ import annotations
@@ -58,8 +59,13 @@ ADAPTIVE_CONFIGS = [("ODE dopri5 tol=%g" % tol, "ode", {"rtol": tol, "atol": tol
 ADAPTIVE_CONFIGS += [("ODE scipy RK45 tol=1e-5", "ode", {"ode_method": "scipy_rk45"})]
 ADAPTIVE_CONFIGS += [(f"DPM-Solver-{o - 1}{o} adaptive ({p}-pred.)", "dpm_solver_adaptive", {"order": o, "prediction": p})
                      for o in (2, 3) for p in ("noise", "data")]
-# the fewest-NFE scan: every fixed-step sampler at every step count with NFE <= FEWEST_MAX_NFE (D = 2)
-FEWEST_MAX_NFE = 60
+# the fewest-NFE scan (D = 2): every fixed-step sampler at every step count with NFE <= FEWEST_MAX_NFE, every adaptive
+# one (ADAPTIVE_SCAN: label, method, options; rtol = atol = tol) at each of FEWEST_TOLS
+FEWEST_MAX_NFE = 120
+FEWEST_TOLS = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 5e-3, 2e-3, 1e-3, 1e-4, 1e-5)
+ADAPTIVE_SCAN = [("ODE dopri5", "ode", {}), ("ODE scipy RK45", "ode", {"ode_method": "scipy_rk45"})]
+ADAPTIVE_SCAN += [(f"DPM-Solver-{o - 1}{o} adaptive ({p}-pred.)", "dpm_solver_adaptive", {"order": o, "prediction": p})
+                  for o in (2, 3) for p in ("noise", "data")]
 
 
 def mixture(D: int) -> GaussianMixture:
@@ -90,7 +96,11 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing CSV")
     ap.add_argument("--fewest", action="store_true", help="only the fewest-NFE-at-the-noise-floor scan (D = 2)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown files from the CSVs")
     args = ap.parse_args()
+    if args.report_only:
+        report_only(Path(args.out))
+        return
     if args.fewest:
         torch.set_num_threads(1)
         fewest(Path(args.out))
@@ -129,63 +139,106 @@ def main():
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    write_markdown(rows, out / "sampler_nfe.md")
+    fewest_lines = fewest(out)
+    write_markdown(rows, out / "sampler_nfe.md", fewest_lines)
     plot(rows, out / "sampler_nfe.png")
     print(f"wrote {out / 'sampler_nfe.csv'}, .md, .png")
 
 
-def fewest(out: Path, D: int = 2, n: int = 1000):
-    """For every fixed-step sampler on the 2-D mixture: z at every step count with NFE <= FEWEST_MAX_NFE, the
-    fewest NFE with z < 3 ("first hit") and the fewest NFE from which z stays < 3 at every larger step count scanned
-    ("stays"): few-step multistep solvers are not monotone in the step count. Writes sampler_nfe_fewest.{csv,md}."""
+def _z(r, data, bw, null_sd) -> float:
+    mmd = float(mmd2_unbiased(r.x.double(), data, bw)) if torch.isfinite(r.x).all() else float("nan")
+    return mmd / null_sd
+
+
+def fewest(out: Path, D: int = 2, n: int = 1000) -> list[str]:
+    """For every sampler on the 2-D mixture: z at every step count with NFE <= FEWEST_MAX_NFE (fixed-step samplers) or
+    at every tolerance of FEWEST_TOLS (adaptive ones), the fewest NFE with z < 3 ("first hit") and the fewest NFE from
+    which z stays < 3 at every larger NFE scanned ("stays"): few-step multistep solvers are not monotone in the step
+    count. Writes sampler_nfe_fewest.{csv,md}; returns the markdown table's lines (for sampler_nfe.md)."""
     sde, gm = VPSDE(), mixture(D)
     data, bw, _, null_sd = noise_floor(gm, n)
     sf = gm.score_fn(sde)
     rows = []
     for lab, method, opts, _ in FIXED_STEP_CONFIGS:
-        if method == "langevin" or (method == "pc" and opts.get("corrector", "langevin") != "none"):
-            continue  # 2 or more calls per step and far from the floor at <= 60 NFE (see the main table)
         for steps in range(1, FEWEST_MAX_NFE + 1):
             check_sample_options(sde, method, steps=steps, **opts)
             r, wall = run_one(sf, sde, n, D, method, steps, {"dtype": torch.float32, **opts}, 1)
             if r.nfe > FEWEST_MAX_NFE:
                 break
-            mmd = float(mmd2_unbiased(r.x.double(), data, bw)) if torch.isfinite(r.x).all() else float("nan")
-            rows.append({"sampler": lab, "method": method, "steps": steps, "nfe": r.nfe, "z": mmd / null_sd})
+            rows.append({"sampler": lab, "method": method, "steps": steps, "tol": "", "nfe": r.nfe, "z": _z(r, data, bw, null_sd)})
         print(f"  {lab:32s} " + " ".join(f"{r['nfe']}:{r['z']:.1f}" for r in rows if r["sampler"] == lab)[:200], flush=True)
+    for lab, method, opts in ADAPTIVE_SCAN:
+        sub = []
+        for tol in FEWEST_TOLS:
+            check_sample_options(sde, method, rtol=tol, atol=tol, **opts)
+            r, wall = run_one(sf, sde, n, D, method, None, {"dtype": torch.float32, "rtol": tol, "atol": tol, **opts}, 1)
+            sub.append({"sampler": lab, "method": method, "steps": "adaptive", "tol": tol, "nfe": r.nfe, "z": _z(r, data, bw, null_sd)})
+        rows += sorted(sub, key=lambda r: (r["nfe"], -r["tol"]))
+        print(f"  {lab:32s} " + " ".join(f"{r['tol']:g}:{r['nfe']}:{r['z']:.1f}" for r in sub), flush=True)
     with open(out / "sampler_nfe_fewest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [f"# Fewest NFE at the noise floor (VP SDE, 2-D Gaussian mixture, exact oracle score, n = {n}, float32)", "",
-             f"z = MMD^2 / {null_sd:.2e} (std of MMD^2 between independent data samples); at the floor: z < 3. Every step count",
-             f"with NFE <= {FEWEST_MAX_NFE} scanned (seed 5). *first hit*: fewest NFE with z < 3; *stays*: fewest NFE from which",
-             "z < 3 at every larger step count scanned. Command: `OMP_NUM_THREADS=1 python benchmarks/sampler_nfe.py --fewest`.", "",
-             "| sampler | first hit: NFE (z) | stays: NFE | z at NFE 5 / 6 / 8 / 10 |", "|---|---|---|---|"]
+    return write_fewest(rows, null_sd, n, out)
+
+
+def write_fewest(rows, null_sd: float, n: int, out: Path) -> list[str]:
+    """sampler_nfe_fewest.md from the scan's rows; returns the table's lines (for sampler_nfe.md)."""
+    table = [f"z = MMD^2 / {null_sd:.2e} (std of MMD^2 between independent data samples; n = {n}, seed 5); at the floor: z < 3. "
+             f"Fixed-step samplers: every step count with NFE <= {FEWEST_MAX_NFE}; adaptive ones: rtol = atol = "
+             f"{', '.join(f'{t:g}' for t in FEWEST_TOLS)}. *first hit*: fewest NFE with z < 3; *stays*: fewest NFE from "
+             "which z < 3 at every larger NFE scanned.", "",
+             "| sampler | first hit: NFE (z) | stays: NFE | z at NFE 5 / 6 / 8 / 10 (fixed step) or at the first hit's tolerance |",
+             "|---|---|---|---|"]
     summary = []
     for lab in dict.fromkeys(r["sampler"] for r in rows):
         sub = [r for r in rows if r["sampler"] == lab]
         hits = [r for r in sub if r["z"] < 3]
         first = min(hits, key=lambda r: r["nfe"]) if hits else None
         stays = next((r for i, r in enumerate(sub) if all(q["z"] < 3 for q in sub[i:])), None) if hits else None
-        at = {r["nfe"]: r["z"] for r in sub}
-        cells = " / ".join(f"{at[k]:.1f}" if k in at else "-" for k in (5, 6, 8, 10))
-        hit = f"{first['nfe']} ({first['z']:.1f})" if first else "-"
-        lines.append(f"| {lab} | {hit} | {stays['nfe'] if stays else '-'} | {cells} |")
+        if sub[0]["steps"] == "adaptive":
+            loosest = first is not None and first["tol"] == max(FEWEST_TOLS)
+            cells = (f"tol {first['tol']:g}" + (" (the loosest scanned: fewer NFE may reach the floor)" if loosest else "")
+                     if first else f"not by tol {FEWEST_TOLS[-1]:g} ({sub[-1]['nfe']} NFE, z {sub[-1]['z']:.1f})")
+        else:
+            at = {r["nfe"]: r["z"] for r in sub}
+            cells = " / ".join(f"{at[k]:.1f}" if k in at else "-" for k in (5, 6, 8, 10))
+        hit = f"{first['nfe']} ({first['z']:.1f})" if first else f"not by {sub[-1]['nfe']} NFE (z {min(r['z'] for r in sub):.1f} at best)"
+        table.append(f"| {lab} | {hit} | {stays['nfe'] if stays else '-'} | {cells} |")
         if first:
             summary.append((first["nfe"], stays["nfe"] if stays else 10**9, lab))
     best = min(summary)
     robust = min(summary, key=lambda x: (x[1], x[0]))
-    lines += ["", f"Fewest NFE at the floor: **{best[2]}**, {best[0]} NFE (first hit); staying at the floor from "
+    table += ["", f"Fewest NFE at the floor: **{best[2]}**, {best[0]} NFE (first hit); staying at the floor from "
               f"**{robust[1]}** NFE: **{robust[2]}**.", ""]
+    lines = [f"# Fewest NFE at the noise floor (VP SDE, 2-D Gaussian mixture, exact oracle score, n = {n}, float32)", "",
+             "Command: `OMP_NUM_THREADS=1 python benchmarks/sampler_nfe.py --fewest` (also part of the full run).", ""] + table
     (out / "sampler_nfe_fewest.md").write_text("\n".join(lines))
     print(f"wrote {out / 'sampler_nfe_fewest.md'}")
+    return table
 
 
-def write_markdown(rows, path):
+def report_only(out: Path) -> None:
+    """Rewrite sampler_nfe.md and sampler_nfe_fewest.md from the CSVs (no sampling)."""
+    with open(out / "sampler_nfe.csv") as f:
+        rows = [{**r, "D": int(r["D"]), "n": int(r["n"]), "nfe": int(r["nfe"]), "z": float(r["z"]),
+                 "noise_floor_sd": float(r["noise_floor_sd"])} for r in csv.DictReader(f)]
+    with open(out / "sampler_nfe_fewest.csv") as f:
+        few = [{**r, "nfe": int(r["nfe"]), "z": float(r["z"]), "tol": float(r["tol"]) if r.get("tol") else ""}
+               for r in csv.DictReader(f)]
+    d2 = next(r for r in rows if r["D"] == 2)
+    write_markdown(rows, out / "sampler_nfe.md", write_fewest(few, d2["noise_floor_sd"], d2["n"], out))
+
+
+def write_markdown(rows, path, fewest_lines=()):
     lines = ["# Sampler quality per NFE (VP SDE, Gaussian-mixture oracle score, float32)", "",
+             "Command: `OMP_NUM_THREADS=1 python benchmarks/sampler_nfe.py`.", "",
              "z = MMD^2 / (std of MMD^2 between two independent data samples of the same size); z < 3 is at the noise floor.",
              "Columns: steps -> `z (NFE)`.", ""]
+    if fewest_lines:
+        lines += ["## Fewest NFE at the noise floor, every sampler (D = 2)", ""] + list(fewest_lines)
+        lines += ["Learned few-step generators on the same mixture and score (progressive distillation, consistency models): "
+                  "experiments/results/few_step.md.", ""]
     for D in sorted({r["D"] for r in rows}):
         sub = [r for r in rows if r["D"] == D]
         lines += [f"## D = {D} (n = {sub[0]['n']}, noise floor sd = {sub[0]['noise_floor_sd']:.2e})", ""]
