@@ -166,6 +166,8 @@ def guided_score_maker(run, guide: GuidanceOptions, device, dtype):
     from .samplers.guidance import cfg_score_fn, model_label_score
 
     cond = model_label_score(run.model)
+    if guide.class_label == k:  # the null label alone: the model's unconditional score, one network call per NFE
+        return (lambda y: (lambda x, t: cond(x, t, y))), k
     return (lambda y: cfg_score_fn(cond, y, guide.guidance, k)), k
 
 

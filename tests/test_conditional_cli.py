@@ -69,6 +69,16 @@ def test_guidance_zero_reproduces_the_conditional_model(cond_run, tmp_path):
     assert not torch.equal(xa[1], xb[1])  # sample 1: label 0 vs label 1
 
 
+def test_null_label_samples_the_unconditional_branch(cond_run, tmp_path):
+    """``class_label=K`` (the null label) draws from s(x, t, null) with one network row per NFE."""
+    out = tmp_path / "null"
+    sample_main([f"ckpt={cond_run}", "sampler=dpm_solver", "sampler.steps=4", "eval=tiny", "eval.n_samples=6",
+                 "class_label=5", "progress=false", f"hydra.run.dir={out}"])
+    s = metrics(out)["samples"]
+    assert s["class_label"] == 5 and s["network_rows_per_nfe"] == 1 and s["nfe"] == 4 and "class_accuracy" not in s
+    assert torch.equal(torch.load(out / "labels.pt"), torch.full((6,), 5))
+
+
 @pytest.mark.parametrize("args, match", [
     (["guidance=-1"], "guidance must be a finite number >= 0"),
     (["class_label=-2"], "class_label must be null"),
