@@ -1,7 +1,9 @@
 """Few-step generation on the 2-D Gaussian mixture (VP SDE; teacher = the exact oracle score): quality (MMD^2 z-score
 against fresh data; z < 3 is at the noise floor) vs NFE of the distilled students, next to the training-free samplers'
 fewest NFE at the floor (benchmarks/results/sampler_nfe_fewest.csv, from ``benchmarks/sampler_nfe.py --fewest``), and
-consistency models (distillation from the oracle's PF-ODE, and training without a teacher).
+consistency models (distillation from the oracle's PF-ODE, and training without a teacher: the original recipe and the
+improved one of Song & Dhariwal 2023, ``--cm improved_consistency_training``). The digits results (a trained teacher)
+are experiments/results/distill_digits.md (experiments/distill_digits.py).
 
     OMP_NUM_THREADS=1 python experiments/few_step.py [--par v x] [--n-steps 3000] [--cm-steps 4000] [--workdir outputs/few_step]
 
@@ -69,7 +71,12 @@ def write(results, args, commit=None):
     if results.get("consistency"):
         L += ["## Consistency models (Song et al. 2023)", "",
               f"Distillation: the oracle teacher's Heun step between neighbours of Karras' grid of 18 points (rho 7), target EMA "
-              f"0.95; training: no teacher, N(k) from 2 to 151 points, mu0 0.9. Boundary-condition parameterisation, sigma_data 1.0; "
+              f"0.95; training: no teacher, N(k) from 2 to 151 points, mu0 0.9"
+              + ("; improved training (Song & Dhariwal 2023): pseudo-Huber loss (c = 0.00054 sqrt(d)) weighted "
+                 "1 / (sigma_n - sigma_n+1), lognormal noise (P_mean -1.1, P_std 2.0) on the grid, N(k) doubling from 11 to "
+                 "1281 points, the online network as its own target (no EMA)"
+                 if "improved_consistency_training" in results["consistency"] else "")
+              + f". Boundary-condition parameterisation, sigma_data 1.0; "
               f"{args.cm_steps} Adam steps (batch 256, lr 1e-3); sampled with 1 step, or multistep at grid times.", "",
               "| method | NFE | z | MMD^2 | training s |", "|---|---|---|---|---|"]
         for meth, recs in results["consistency"].items():
@@ -91,11 +98,13 @@ def write(results, args, commit=None):
           "NFE, better but far from the floor (the paper trains for hundreds of thousands of steps).",
           "* Resume: each distillation round / consistency run is one scoresde.train run with its own checkpoint; "
           "tests/test_distill.py checks that a run stopped and resumed ends with bitwise-equal weights.",
-          "* Digits (teacher = the best digits model, FD at 20 NFE vs a 4-step student) was not run.", ""]
+          "* Digits (teacher = the trained quickstart model, FD at 20 NFE vs a 4-step student): "
+          "experiments/results/distill_digits.md.", ""]
     rows = sampler_rows()
     if rows:
         L += ["## Training-free samplers (same mixture, exact score): fewest NFE at the floor", "",
-              "From `benchmarks/results/sampler_nfe_fewest.md` (every step count scanned up to 60 NFE).", "",
+              "From `benchmarks/results/sampler_nfe_fewest.md` (fixed-step samplers: every step count up to 120 NFE; adaptive "
+              "ones: rtol = atol from 0.5 to 1e-5).", "",
               "| sampler | fewest NFE with z < 3 | z < 3 from NFE on | z at NFE 1 / 2 / 4 / 8 |", "|---|---|---|---|"]
         for r in rows:
             zs = " / ".join("-" if v is None else f"{v:.0f}" for v in r["z"].values())
