@@ -163,12 +163,8 @@ def guided_score_maker(run, guide: GuidanceOptions, device, dtype):
         raise ValueError(f"class_label must be null (balanced), in [0, {k - 1}], or {k} (the null label); got {guide.class_label}")
     if guide.class_label == k and guide.guidance != 0:
         raise ValueError(f"class_label={k} is the null label (unconditional): guidance must be 0; got {guide.guidance}")
-    from .samplers.guidance import cfg_score_fn, model_label_score
-
-    cond = model_label_score(run.model)
-    if guide.class_label == k:  # the null label alone: the model's unconditional score, one network call per NFE
-        return (lambda y: (lambda x, t: cond(x, t, y))), k
-    return (lambda y: cfg_score_fn(cond, y, guide.guidance, k)), k
+    # classifier-free guidance, or the null label's (unconditional) score for class_label = K
+    return (lambda y: run.model.guided_score_fn(y, guide.guidance)), k
 
 
 @torch.no_grad()

@@ -194,6 +194,25 @@ class ScoreModel(nn.Module):
         """``grad_x log p_t(x)`` from the network output (table in the module docstring); shape of ``x``."""
         return self._evaluate(x, t, self._score_from_output)
 
+    def guided_score_fn(self, class_label, guidance: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``score_fn(x, t)`` of a class-conditional model (``num_classes = K``) for ``scoresde.sample``:
+        classifier-free guidance ``(1 + w) s(x, t, y) - w s(x, t, null)`` with ``w = guidance >= 0`` and ``y =
+        class_label`` (an int or a ``(B,)`` integer tensor in ``[0, K - 1]``; one network call on a doubled batch per
+        evaluation for ``w > 0``, the conditional rows only for ``w = 0``), or the null label's score
+        ``s(x, t, null)`` for ``class_label = K``. ``samplers.guidance.cfg_score_fn`` does the work."""
+        from .samplers.guidance import cfg_score_fn, model_label_score
+
+        cond = model_label_score(self)
+        K = cond.num_classes
+        if torch.is_tensor(class_label) and class_label.dim() == 1 and class_label.numel() \
+                and not class_label.dtype.is_floating_point and bool((class_label == K).all()):
+            class_label = K  # every row the null label
+        if isinstance(class_label, int) and not isinstance(class_label, bool) and class_label == K:
+            if guidance != 0:
+                raise ValueError(f"class_label={class_label} is the null label: guidance must be 0; got {guidance!r}")
+            return lambda x, t: cond(x, t, class_label)
+        return cfg_score_fn(cond, class_label, guidance, cond.num_classes)
+
     def eps_fn(self, x: torch.Tensor, t) -> torch.Tensor:
         """``eps_hat = -s(t) score(x, t)`` (the noise in ``x = m x_0 + s eps``); shape of ``x``."""
         return self._evaluate(x, t, self._eps_from_output)

@@ -196,3 +196,28 @@ def test_null_label_reproduces_an_unconditional_model(tmp_path):
     z = {k: float(mmd2_unbiased(a, b, bw)) / sd for k, (a, b) in
          {"null-data": (x_null, data[0]), "unc-data": (x_unc, data[0]), "null-unc": (x_null, x_unc)}.items()}
     assert max(z.values()) < 5, z
+
+
+def test_guided_score_fn_is_classifier_free_guidance_of_the_model():
+    """``model.guided_score_fn(y, w)``: w = 0 is the conditional score bitwise, w > 0 is (1 + w) s_y - w s_null,
+    ``y = K`` the null label's score; guidance with the null label is refused."""
+    torch.manual_seed(0)
+    model = _model()
+    with torch.no_grad():
+        model.net.emb.weight.normal_()
+    x, t = torch.randn(6, 2, dtype=DT), torch.rand(6, dtype=DT) * 0.9 + 0.05
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with model.conditioned(class_labels=y):
+        s_y = model.score_fn(x, t)
+    with model.conditioned(class_labels=torch.full((6,), 3)):
+        s_null = model.score_fn(x, t)
+    assert torch.equal(model.guided_score_fn(y)(x, t), s_y)
+    assert torch.allclose(model.guided_score_fn(y, 2.0)(x, t), 3 * s_y - 2 * s_null, rtol=1e-12, atol=1e-12)
+    assert torch.equal(model.guided_score_fn(3)(x, t), s_null)
+    assert torch.equal(model.guided_score_fn(torch.full((6,), 3))(x, t), s_null)
+    with pytest.raises(ValueError, match="null label: guidance must be 0"):
+        model.guided_score_fn(3, 1.0)
+    with pytest.raises(ValueError, match="num_classes is None"):
+        from scoresde.nets import MLPScoreNet
+
+        ScoreModel(MLPScoreNet(2), VPSDE()).guided_score_fn(0)
