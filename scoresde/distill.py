@@ -52,7 +52,8 @@ __all__ = [
     "Student", "PARAMETERIZATIONS", "GRID_SCHEDULES", "distill_grid", "teacher_from_score", "progressive_loss", "one_step_target",
     "sample_student", "ProgressiveOptions", "progressive_distillation", "DistillOptions", "run_distill", "mixture_2d",
     "ConsistencyModel", "consistency_loss", "ct_schedule", "sample_consistency", "teacher_eps_from_score", "consistency_times",
-    "ict_schedule", "lognormal_interval_probs", "improved_ct_loss", "TeacherRun", "load_teacher_run", "teacher_training_data", "student_network", "clipped", "quality_scorer", "evaluate_sets", "TEACHERS", "NON_DEFINING",
+    "ict_schedule", "lognormal_interval_probs", "improved_ct_loss", "TeacherRun", "load_teacher_run", "teacher_training_data",
+    "student_network", "clipped", "quality_scorer", "evaluate_sets", "TEACHERS", "NON_DEFINING",
 ]
 
 PARAMETERIZATIONS = ("v", "x")
