@@ -95,7 +95,9 @@ def write(results, args, commit=None):
           "~7000) puts most of the loss; the v-parameterisation gets that part from its skip term alpha z_t.",
           "* Consistency training (no teacher) needs far more updates than consistency distillation: at this budget its "
           "samples are still near the data mean; 10000 steps (few_step_ct_long.md) give z 725 / 80 / 40 / 58 at 1 / 2 / 4 / 8 "
-          "NFE, better but far from the floor (the paper trains for hundreds of thousands of steps).",
+          "NFE, better but far from the floor (the paper trains for hundreds of thousands of steps). The improved recipe of "
+          "Song & Dhariwal 2023 at the 3000-step budget: few_step_ict.md (`--par --cm improved_consistency_training "
+          "--cm-steps 3000 --tag ict`).",
           "* Resume: each distillation round / consistency run is one scoresde.train run with its own checkpoint; "
           "tests/test_distill.py checks that a run stopped and resumed ends with bitwise-equal weights.",
           "* Digits (teacher = the trained quickstart model, FD at 20 NFE vs a 4-step student): "
