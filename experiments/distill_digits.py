@@ -10,9 +10,14 @@ digits classifier's features and k-NN precision / recall (``evaluate.image_quali
 test split, each with its floor (``--n`` training images); mean (and sd) over ``--sets`` sample sets.
 
     OMP_NUM_THREADS=1 python experiments/distill_digits.py [--teacher-run /tmp/d_work/teacher] [--workdir /tmp/d_work/distill_clip]
-        [--start-steps 32] [--final-steps 4] [--n-steps 1200] [--lr 3e-4] [--sets 5] [--no-clip] [--report-only]
+        [--start-steps 32] [--final-steps 4] [--n-steps 1200] [--first-round-steps N] [--lr 3e-4] [--sets 5] [--no-clip]
+        [--round0-from WORKDIR] [--teacher-from JSON] [--out-name distill_digits] [--report-only]
 
-Writes experiments/results/distill_digits.{json,md}. A stopped run resumes from its workdirs (scoresde.train checkpoints).
+Writes experiments/results/<out-name>.{json,md}. A stopped run resumes from its workdirs (scoresde.train checkpoints).
+``--round0-from``: start round 0 from another workdir's round-0 checkpoint (same options but a shorter round 0), which
+continues it to ``--first-round-steps`` exactly as one uninterrupted run would (constant learning rate; scoresde.train
+resumes bitwise). ``--teacher-from``: take the teacher's numbers from an earlier results JSON of the same teacher run
+(same samplers, sets and seeds) instead of sampling them again.
 """
 
 from __future__ import annotations
@@ -88,14 +93,19 @@ def fmt(q, key="fd"):
 
 def write(res: dict, args, commit: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "distill_digits.json").write_text(json.dumps({"commit": commit, "args": vars(args), **res}, indent=1))
+    stem = getattr(args, "out_name", None) or "distill_digits"
+    r0 = getattr(args, "first_round_steps", None)
+    (OUT / f"{stem}.json").write_text(json.dumps({"commit": commit, "args": vars(args), **res}, indent=1))
     t, st = res["teacher"], res.get("students", [])
     best_label = min(t["samplers"], key=lambda k: t["samplers"][k]["fd"])
     best = t["samplers"][best_label]["fd"]
     floor = t["samplers"][best_label]["fd_floor"]
     cmd = (f"OMP_NUM_THREADS=1 python experiments/distill_digits.py --start-steps {args.start_steps} --final-steps {args.final_steps} "
-           f"--n-steps {args.n_steps} --lr {args.lr} --batch-size {args.batch_size} --sets {args.sets} --n {args.n}"
-           + ("" if args.clip else " --no-clip"))
+           f"--n-steps {args.n_steps}" + (f" --first-round-steps {r0}" if r0 else "") + f" --lr {args.lr} --batch-size {args.batch_size} --sets {args.sets} --n {args.n}"
+           + ("" if args.clip else " --no-clip") + (f" --workdir {args.workdir}" if stem != "distill_digits" else "")
+           + (f" --round0-from {args.round0_from}" if getattr(args, "round0_from", None) else "")
+           + (f" --teacher-from {args.teacher_from}" if getattr(args, "teacher_from", None) else "")
+           + (f" --out-name {stem}" if stem != "distill_digits" else ""))
     L = ["# Progressive distillation of the quickstart model on the 8x8 digits", "",
          f"Command: `{cmd}` (commit {commit}; the shared 2-core CPU machine, one thread, `nice`).", "",
          f"Quality: the project's Fréchet distance (FD) on the digits classifier's features and k-NN precision / recall "
@@ -106,7 +116,9 @@ def write(res: dict, args, commit: str) -> None:
          f"`scoresde-train experiment=quickstart` (ConvScoreNet, 151,489 parameters, VP, {res['teacher_train'].get('train_steps')} "
          f"steps): {_minutes(res['teacher_train'].get('train_seconds'))} wall"
          + (f", {_minutes(res['teacher_train'].get('train_cpu_seconds'))} CPU" if res["teacher_train"].get("train_cpu_seconds") else "")
-         + (f" ({res['teacher_train']['note']})" if res["teacher_train"].get("note") else "") + ".", "",
+         + (f" ({res['teacher_train']['note']})" if res["teacher_train"].get("note") else "") + "."
+         + (f" Teacher numbers taken from {res['teacher_from']} (the same teacher checkpoint, samplers, sets and seeds)."
+            if res.get("teacher_from") else ""), "",
          "| sampler (20 steps) | NFE | FD | precision | recall |", "|---|---|---|---|---|"]
     for label, q in t["samplers"].items():
         L.append(f"| {label} | {q['nfe']} | {fmt(q)} | {q['precision']:.3f} | {q['recall']:.3f} |")
@@ -116,7 +128,8 @@ def write(res: dict, args, commit: str) -> None:
           "## Students (progressive distillation, v-parameterisation, truncated-SNR weighting)", "",
           f"Round 0 fits the student (the teacher's network, started from its weights) to the teacher's own data prediction on "
           f"the {args.start_steps}-step grid (log-SNR uniform, last step to t = 0); each later round halves the steps (two "
-          f"teacher DDIM steps -> one). Every round {args.n_steps} Adam steps, batch {args.batch_size}, lr {args.lr}, EMA 0.999, "
+          f"teacher DDIM steps -> one). " + (f"Round 0 {r0} Adam steps, every later round {args.n_steps}" if r0 else
+                                             f"Every round {args.n_steps} Adam steps") + f", batch {args.batch_size}, lr {args.lr}, EMA 0.999, "
           "on the dequantised training split. Beside each student: the teacher's own DDIM on the same grid (same NFE, no "
           "distillation)."
           + (" Every data prediction that makes a DDIM step (the teacher's targets, each student as the next round's "
@@ -144,7 +157,48 @@ def write(res: dict, args, commit: str) -> None:
                   f"student's FD is {four['fd']:.1f} = {four['fd'] / best:.2f}x the best 20-NFE teacher sampler ({best:.1f}); "
                   f"{four['fd'] / t['samplers']['DDIM eta=0']['fd']:.2f}x DDIM's."]
     L += ["", "## Notes", ""] + [f"* {n}" for n in res.get("notes", [])] + [""]
-    (OUT / "distill_digits.md").write_text("\n".join(L))
+    (OUT / f"{stem}.md").write_text("\n".join(L))
+
+
+def reuse_teacher(args, teacher, steps_list) -> dict:
+    """The teacher block of ``--teacher-from``, after checking that it was made by the same teacher run with the same
+    evaluation (sets, n, clip) and holds every grid of ``steps_list``."""
+    saved = json.loads(Path(args.teacher_from).read_text())
+    a = saved["args"]
+    same = {k: (a.get(k), getattr(args, k)) for k in ("teacher_run", "sets", "n", "clip") if a.get(k) != getattr(args, k)}
+    if same:
+        raise ValueError(f"--teacher-from {args.teacher_from}: made with other settings {same}")
+    missing = [s for s in steps_list if str(s) not in saved["teacher"]["ddim_grid"]]
+    if missing:
+        raise ValueError(f"--teacher-from {args.teacher_from}: no teacher DDIM numbers for steps {missing}")
+    return saved["teacher"]
+
+
+def seed_round0(opts: DistillOptions, src: Path, teacher) -> dict:
+    """Copy ``src``'s round-0 checkpoint (and its loss log) into ``opts.workdir`` so that round 0 continues from it; only
+    when ``src`` holds a distillation of the same teacher checkpoint with the same run-defining options, its round 0
+    shorter than this one, and this workdir has no round 0 yet."""
+    import dataclasses
+    import shutil
+
+    from scoresde.distill import NON_DEFINING
+
+    prev = json.loads((src / "options.json").read_text())
+    mine = dataclasses.asdict(opts)
+    diff = sorted(k for k, v in mine.items() if k not in NON_DEFINING + ("n_steps", "first_round_steps") and prev["options"].get(k, v) != v)
+    if diff or prev["options"]["n_steps"] != opts.n_steps:
+        raise ValueError(f"--round0-from {src}: other options {diff or ['n_steps']}")
+    if prev["teacher"] != {"step": teacher.step, "run_hash": teacher.run_hash}:
+        raise ValueError(f"--round0-from {src}: another teacher checkpoint {prev['teacher']}")
+    src_steps = prev["options"].get("first_round_steps") or prev["options"]["n_steps"]
+    if opts.first_round_steps is None or src_steps >= opts.first_round_steps:
+        raise ValueError(f"--round0-from {src}: its round 0 ({src_steps} steps) is not shorter than this one ({opts.first_round_steps})")
+    dst = Path(opts.workdir) / "round_00"
+    if not dst.exists():
+        dst.mkdir(parents=True)
+        for name in ("checkpoint.pt", "metrics.jsonl"):
+            shutil.copy2(src / "round_00" / name, dst / name)
+    return {"workdir": str(src), "steps": src_steps}
 
 
 def _minutes(s):
@@ -159,6 +213,11 @@ def main():
     ap.add_argument("--final-steps", type=int, default=4)
     ap.add_argument("--no-clip", dest="clip", action="store_false", help="do not clamp data predictions to [-1, 1]")
     ap.add_argument("--n-steps", type=int, default=1200)
+    ap.add_argument("--first-round-steps", type=int, default=None, help="round 0's Adam steps (default: --n-steps)")
+    ap.add_argument("--round0-from", default=None, help="a workdir whose round-0 checkpoint (a shorter round 0 of the same "
+                    "options) this run's round 0 continues from")
+    ap.add_argument("--teacher-from", default=None, help="an earlier results JSON of the same teacher run: reuse its teacher numbers")
+    ap.add_argument("--out-name", default="distill_digits", help="results file stem in experiments/results")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--sets", type=int, default=5)
@@ -167,7 +226,7 @@ def main():
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from distill_digits.json")
     args = ap.parse_args()
     if args.report_only:
-        saved = json.loads((OUT / "distill_digits.json").read_text())
+        saved = json.loads((OUT / f"{args.out_name}.json").read_text())
         saved["notes"] = saved.get("notes", []) + args.note
         write(saved, argparse.Namespace(**{**saved["args"], "note": args.note}), saved["commit"])
         return
@@ -176,11 +235,17 @@ def main():
     res = {"teacher_train": train_teacher(Path(args.teacher_run)), "notes": args.note}
     teacher = load_teacher_run(args.teacher_run)
     steps_list = sorted({args.start_steps // 2 ** k for k in range(20) if args.start_steps // 2 ** k >= args.final_steps}, reverse=True)
-    res["teacher"] = evaluate_teacher(teacher, steps_list, args.n, args.sets, teacher.data_range() if args.clip else None)
-    write(res, args, commit)
+    if args.teacher_from:
+        res["teacher"], res["teacher_from"] = reuse_teacher(args, teacher, steps_list), args.teacher_from
+    else:
+        res["teacher"] = evaluate_teacher(teacher, steps_list, args.n, args.sets, teacher.data_range() if args.clip else None)
     opts = DistillOptions(teacher="run", teacher_run=str(args.teacher_run), start_steps=args.start_steps, final_steps=args.final_steps,
-                          n_steps=args.n_steps, batch_size=args.batch_size, lr=args.lr, ema_rate=0.999, n_eval=args.n,
-                          eval_sets=args.sets, clip_x0=args.clip, checkpoint_every=200, workdir=str(args.workdir), progress=False)
+                          n_steps=args.n_steps, first_round_steps=args.first_round_steps, batch_size=args.batch_size, lr=args.lr,
+                          ema_rate=0.999, n_eval=args.n, eval_sets=args.sets, clip_x0=args.clip, checkpoint_every=200,
+                          workdir=str(args.workdir), progress=False)
+    if args.round0_from:
+        res["round0_from"] = seed_round0(opts, Path(args.round0_from), teacher)
+    write(res, args, commit)
     cpu0, t0 = time.process_time(), time.perf_counter()
     res["students"] = run_distill(opts)
     res["distill_cpu_seconds"], res["distill_wall_seconds"] = time.process_time() - cpu0, time.perf_counter() - t0

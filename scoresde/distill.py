@@ -220,15 +220,16 @@ def sample_student(x0_fn: X0Fn, sde: SDE, steps: int, shape, generator: Optional
 class ProgressiveOptions:
     """Progressive distillation: ``start_steps`` (a power of 2: round 0 fits the teacher's data prediction there),
     then halve down to ``final_steps``; grid ``distill_grid(sde, ., eps, schedule)``; ``train``: the options of every
-    round's ``scoresde.train.train`` call (``n_steps`` per round). ``clip = (lo, hi)``: every teacher's data prediction
-    (the given teacher's, then each round's student's) is clamped to the data range before its DDIM steps make the
-    targets (``clipped``; ``None``: not clamped)."""
+    round's ``scoresde.train.train`` call (``n_steps`` per round; ``first_round_steps``: round 0's instead, ``None``: the
+    same). ``clip = (lo, hi)``: every teacher's data prediction (the given teacher's, then each round's student's) is
+    clamped to the data range before its DDIM steps make the targets (``clipped``; ``None``: not clamped)."""
 
     start_steps: int = 64
     final_steps: int = 1
     eps: Optional[float] = None
     schedule: str = "logSNR"
     clip: Optional[tuple] = None
+    first_round_steps: Optional[int] = None
     train: TrainOptions = field(default_factory=lambda: TrainOptions(n_steps=2000, batch_size=256, lr=1e-3, warmup=0,
                                                                      ema_rate=0.999, log_every=500))
 
@@ -247,6 +248,14 @@ class ProgressiveOptions:
             self.clip = _check_clip(self.clip)
         if not isinstance(self.train, TrainOptions):
             raise TypeError(f"train must be a TrainOptions; got {type(self.train).__name__}")
+        if self.first_round_steps is not None:
+            self.first_round_steps = check_int("first_round_steps", self.first_round_steps)
+
+    def round_train(self, k: int) -> TrainOptions:
+        """The ``TrainOptions`` of round ``k``: ``train``, with ``n_steps = first_round_steps`` for round 0 when set."""
+        if k == 0 and self.first_round_steps is not None:
+            return dataclasses.replace(self.train, n_steps=self.first_round_steps)
+        return self.train
 
     def rounds(self) -> list[tuple[int, int]]:
         """``[(student_steps, teacher_per_step), ...]``: ``(start, 1)``, ``(start/2, 2)``, ... ``(final, 2)``."""
@@ -272,7 +281,8 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
     (``None``: ``data`` are used as they are).
     ``eval_fn(student_ema, steps) -> dict``, when given, is called after each round. Returns one record per round:
     ``{"round", "steps", "teacher_per_step", "train_steps", "seconds", **eval}`` (``seconds`` of this call's
-    training; 0 for a round reloaded finished)."""
+    training; 0 for a round reloaded finished); ``workdir/rounds.jsonl`` is rewritten after every round, so a stopped
+    distillation leaves the records of its finished rounds."""
     _check_sde(sde)
     if not isinstance(student, Student):
         raise TypeError(f"student must be a scoresde.distill.Student; got {type(student).__name__}")
@@ -283,8 +293,8 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
     for k, (steps, per) in enumerate(options.rounds()):
         loss_fn = progressive_loss(teacher, sde, steps, per, options.eps, options.schedule)
         t0 = time.perf_counter()
-        result = train(student, loss_fn, data, options.train, workdir / f"round_{k:02d}", prepare=prepare, resume=resume,
-                       progress=progress)
+        result = train(student, loss_fn, data, options.round_train(k), workdir / f"round_{k:02d}", prepare=prepare,
+                       resume=resume, progress=progress)
         seconds = time.perf_counter() - t0
         ema = _ema_module(result)
         student.load_state_dict(ema.state_dict())  # the next round's student starts from this round's EMA weights
@@ -293,9 +303,9 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
         if eval_fn is not None:
             rec.update(eval_fn(ema, steps))
         records.append(rec)
-    with open(workdir / "rounds.jsonl", "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
+        with open(workdir / "rounds.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
     return records
 
 
@@ -622,8 +632,10 @@ class DistillOptions:
     MMD^2 (``z < 3`` is at the noise floor); run: on images of a set with a feature classifier the Fréchet distance and
     k-NN precision / recall against the test split with their floors (``evaluate.image_quality``), else MMD^2 with its
     floor. ``n_steps``, ``batch_size``, ``lr``, ``ema_rate``, ``checkpoint_every``: every round's training
-    (``scoresde.train``). ``workdir``: the run directory (resumed when it exists; refused when it holds a distillation
-    with other run-defining options or another teacher checkpoint).
+    (``scoresde.train``); ``first_round_steps``: round 0's ``n_steps`` instead (progressive only; ``None``: ``n_steps``):
+    round 0 converts the teacher's parameterisation into the student's and may need more steps than a halving round.
+    ``workdir``: the run directory (resumed when it exists; refused when it holds a distillation with other run-defining
+    options or another teacher checkpoint).
 
     ``method``: ``progressive`` (``start_steps`` -> ``final_steps``), ``consistency_distillation`` (teacher Heun steps on
     Karras' grid of ``cm_N`` points, target EMA ``cm_mu``) or ``consistency_training`` (no teacher; ``N(k)``, ``mu(k)``
@@ -650,6 +662,7 @@ class DistillOptions:
     n_eval: int = 1000
     eval_sets: int = 1
     n_steps: int = 2000
+    first_round_steps: Optional[int] = None
     batch_size: int = 256
     lr: float = 1e-3
     ema_rate: float = 0.999
@@ -691,6 +704,10 @@ class DistillOptions:
         for name in ("hidden", "depth", "n_data", "n_eval", "eval_sets", "checkpoint_every", "ict_s0"):
             check_int(name, getattr(self, name), {"depth": 0, "checkpoint_every": 0, "eval_sets": 1, "ict_s0": 1}.get(name, 2))
         check_int("ict_s1", self.ict_s1, self.ict_s0)
+        if self.first_round_steps is not None:
+            check_int("first_round_steps", self.first_round_steps)
+            if self.method != "progressive":
+                raise ValueError(f"first_round_steps applies to method='progressive' (its round 0); got method={self.method!r}")
         check_positive("ict_p_std", self.ict_p_std)
         if isinstance(self.ict_p_mean, bool) or not isinstance(self.ict_p_mean, (int, float)) or not math.isfinite(self.ict_p_mean):
             raise ValueError(f"ict_p_mean must be a finite number; got {self.ict_p_mean!r}")
@@ -879,7 +896,7 @@ def run_distill(options: DistillOptions) -> list[dict]:
 def _run_progressive(o: DistillOptions, st: _Setup, tr: TrainOptions) -> list[dict]:
     student = Student(st.net, st.sde, o.parameterization)
     popts = ProgressiveOptions(start_steps=o.start_steps, final_steps=o.final_steps, eps=o.eps, schedule=o.schedule, clip=st.clip,
-                               train=tr)
+                               first_round_steps=o.first_round_steps, train=tr)
     p = next(st.net.parameters())
 
     def eval_fn(ema, steps):

@@ -76,12 +76,12 @@ def test_student_parameterisations_and_score(par):
     assert nfe == 4 and x.shape == (7, 2) and torch.isfinite(x).all()
 
 
-def _tiny(final_steps, n_steps, workdir, checkpoint_every=0):
+def _tiny(final_steps, n_steps, workdir, checkpoint_every=0, first_round_steps=None):
     sde, gm = VPSDE(), mixture_2d()
     data = gm.sample(512, torch.Generator().manual_seed(0), dtype=torch.float32)
     st = Student(build_net("mlp", (2,), hidden=16, depth=1, seed=3), sde, "v")
     tr = TrainOptions(n_steps=n_steps, batch_size=32, lr=1e-3, warmup=0, ema_rate=0.9, log_every=5, checkpoint_every=checkpoint_every)
-    opts = ProgressiveOptions(start_steps=4, final_steps=final_steps, train=tr)
+    opts = ProgressiveOptions(start_steps=4, final_steps=final_steps, train=tr, first_round_steps=first_round_steps)
     recs = progressive_distillation(teacher_from_score(gm.score_fn(sde), sde), sde, st, data, opts, workdir)
     return st, recs
 
@@ -100,7 +100,24 @@ def test_distillation_resumes_exactly(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_first_round_steps_lengthens_round_0_only(tmp_path):
+    """``first_round_steps`` trains round 0 for that many steps and the later rounds for ``n_steps``; a round 0 of 6
+    steps continued to 12 (``first_round_steps=12``) ends bitwise equal to an uninterrupted one, and the records of
+    finished rounds are in rounds.jsonl after each round."""
+    import json
+
+    full, recs = _tiny(2, 6, tmp_path / "a", first_round_steps=12)
+    assert [(r["steps"], r["train_steps"]) for r in recs] == [(4, 12), (2, 6)]
+    _tiny(4, 6, tmp_path / "b")  # a finished round 0 of 6 steps ...
+    rows = [json.loads(line) for line in (tmp_path / "b" / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["steps"], r["train_steps"]) for r in rows] == [(4, 6)]
+    resumed, _ = _tiny(2, 6, tmp_path / "b", first_round_steps=12)  # ... continued to 12, then round 1
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("kw,match", [
+    ({"first_round_steps": 0}, "first_round_steps"), ({"first_round_steps": 2.5}, "first_round_steps"),
     ({"start_steps": 6}, "start_steps"),
     ({"final_steps": 8, "start_steps": 4}, "final_steps"),
     ({"schedule": "karras"}, "schedule"),
@@ -113,7 +130,9 @@ def test_progressive_options_validate(kw, match):
 
 @pytest.mark.parametrize("kw,match", [
     ({"method": "magic"}, "method"), ({"parameterization": "eps"}, "parameterization"), ({"sde": "ve"}, "sde"),
-    ({"mixture": "moons"}, "mixture"),
+    ({"mixture": "moons"}, "mixture"), ({"first_round_steps": 0}, "first_round_steps"),
+    ({"first_round_steps": True}, "first_round_steps"),
+    ({"first_round_steps": 10, "method": "consistency_training"}, "first_round_steps"),
 ])
 def test_distill_options_validate(kw, match):
     with pytest.raises(ValueError, match=match):
