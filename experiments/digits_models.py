@@ -3,7 +3,9 @@ full-covariance Gaussian-mixture baseline, in test bits/dim (probability-flow OD
 
 Data: the fixed digits split (train 1347 / val 150 / test 300, 17 levels, D = 64), flattened to
 vectors; every training batch is freshly dequantised, ``y = 2 (k + U) / 17 - 1``. Model: a residual
-MLP ε-network (``MLPScoreNet``) wrapped by ``ScoreModel(parameterization="eps")``. Losses from
+MLP ε-network (``MLPScoreNet``), or with ``--net convnet`` the convolutional ``ConvScoreNet`` (base width ``--ch``) on
+the ``(1, 8, 8)`` images, wrapped by ``ScoreModel(parameterization="eps")``. ``experiments/results/digits_models.md`` is
+the ConvScoreNet table (with the MLP's rows from ``digits_models_mlp.json`` beside it: ``--collate ... --previous``). Losses from
 ``get_loss_fn``: DDPM its own discrete loss (L_simple, ``continuous=False``); VP / sub-VP the continuous
 DSM loss, either ε-MSE (``--weighting default``, ``lambda = s^2``) or the likelihood weighting
 ``lambda = g^2`` with importance sampling of ``t`` (``--weighting likelihood``; Song et al. 2021,
@@ -49,6 +51,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -166,7 +169,29 @@ def label(row: dict) -> str:
     return row["model"] + (" (g^2)" if lw else "")
 
 
+def _conv_embedding(kind: str) -> str:
+    """The time embedding ``spec_for`` gives ``ConvScoreNet`` for ``kind`` (its ``--time-embedding`` is not used)."""
+    return {"ddpm": "sinusoidal(i)", "ve": "fourier(log sigma, scale 16)"}.get(kind, "sinusoidal(999 t)")
+
+
+def _recipe(row: dict) -> dict:
+    """``row["recipe"]`` as the table shows it: for ``ConvScoreNet`` rows the embedding it used and no MLP widths
+    (records written before the recipe said so listed the MLP's unused ``hidden``, ``depth`` and ``--time-embedding``)."""
+    rec = dict(row["recipe"])
+    if rec.get("net") == "convnet":
+        rec.pop("hidden", None)
+        rec.pop("depth", None)
+        rec["time_embedding"] = _conv_embedding(row["model"])
+    return rec
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_model(kind, a, tr, va, te, root: Path) -> dict:
+    cpu0 = _cpu()
     data = _data_entry(DataOptions(name="digits", centered=True, noise_mixture_prob=a.aug_prob,
                                    noise_mixture_std_min=a.aug_std_min, noise_mixture_std_max=a.aug_std_max), LEVELS)
     spec = spec_for(kind, hidden=a.hidden, depth=a.depth, dropout=a.dropout, sigma_max=a.sigma_max, seed=a.seed,
@@ -217,31 +242,34 @@ def run_model(kind, a, tr, va, te, root: Path) -> dict:
     c_train = offset["cpu"] + time.process_time() - c0_train
     eval_cpu[0] += offset["val_eval_cpu"]
     model, sde = load(res.best_path)  # the selected EMA weights, rebuilt from the checkpoint's spec (eval mode)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     r = bpd(model, sde, te, a.test_probes, 4321, a.rtol)
+    test_cpu = time.process_time() - c0
     out = {
         "model": kind, "params": sum(p.numel() for p in model.parameters()), "steps": res.step,
         "stopped_early": res.stopped_early, "best_step": res.best_step, "val_bpd": res.best_value,
         "test_bpd": r.mean, "test_se": r.stderr, "test_median": float(r.bpd.median()), "test_max": float(r.bpd.max()),
         "test_nfe": r.nfe, "train_wall_s": t_train, "train_cpu_s": c_train, "val_eval_cpu_s": eval_cpu[0],
-        "test_eval_s": time.time() - t0, "final_loss": res.loss,
+        "test_eval_s": time.time() - t0, "test_eval_cpu_s": test_cpu, "final_loss": res.loss,
         "recipe": {"loss": "ddpm L_simple" if kind == "ddpm" else ("sigma^2 DSM (= g^2 up to a constant)" if kind == "ve" else
                    ("g^2 + importance sampling" if a.weighting == "likelihood" else "eps-MSE (s^2)")),
                    "parameterization": "eps" if kind == "ddpm" else a.parameterization,
-                   "time_embedding": "sinusoidal(i)" if kind == "ddpm" else f"{a.time_embedding}(scale {a.fourier_scale})",
+                   "time_embedding": _conv_embedding(kind) if a.net == "convnet" else
+                   ("sinusoidal(i)" if kind == "ddpm" else f"{a.time_embedding}(scale {a.fourier_scale})"),
                    **({"net": "convnet", "ch": a.ch} if a.net == "convnet" else {}),
-                   **{k: getattr(a, k) for k in ("hidden", "depth", "dropout", "lr", "warmup", "lr_schedule", "ema", "weight_decay", "batch",
+                   **{k: getattr(a, k) for k in (() if a.net == "convnet" else ("hidden", "depth")) + ("dropout", "lr", "warmup", "lr_schedule", "ema", "weight_decay", "batch",
                                                   "eval_every", "patience", "aug_prob", "aug_std_min", "aug_std_max")}},
         "val_curve": _val_curve(root / kind),
     }
     if kind == "ddpm":
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         e = evaluate_elbo(model.ddpm_eps_fn(), sde, te, levels=LEVELS, centered=True, batch_size=len(te),
                           generator=torch.Generator().manual_seed(99), dtype=torch.float32)
-        out.update(test_elbo_bpd=e.mean, test_elbo_se=e.stderr, elbo_eval_s=time.time() - t0)
+        out.update(test_elbo_bpd=e.mean, test_elbo_se=e.stderr, elbo_eval_s=time.time() - t0, elbo_eval_cpu_s=time.process_time() - c0)
     if a.fd_sets > 0:
         shape = (1, 8, 8) if a.net == "convnet" else (64,)
         out["samples"] = samples_quality(model, sde, shape, a.fd_sets, a.fd_steps)
+    out["model_cpu_s"] = _cpu() - cpu0  # this model's training, test bits/dim, ELBO and samples (user + system, all threads)
     if a.ckpt_root:
         dest = Path(a.ckpt_root) / kind
         dest.mkdir(parents=True, exist_ok=True)
@@ -293,6 +321,30 @@ def reevaluate(row: dict, a, va, te) -> dict:
                test_bpd=r.mean, test_se=r.stderr, test_median=float(r.bpd.median()), test_max=float(r.bpd.max()),
                test_nfe=r.nfe, test_eval_s=time.time() - t0)
     print(json.dumps({k: out[k] for k in ("model", "eval_eps", "val_bpd_at_eps", "test_bpd", "test_se", "test_median", "test_max")}), flush=True)
+    return out
+
+
+def paired(ckpts: list[str], a, te) -> dict:
+    """Per-image test bits/dim of several checkpoints (``LABEL=PATH``) with the same dequantisation noise and probes
+    (``bpd`` with seed 4321, ``--test-probes``, ``--rtol``), and every pairwise mean difference with its paired standard
+    error (the images' own spread cancels; training noise between runs is not in it)."""
+    per, out = {}, {"meta": meta_info(a), "models": {}, "differences": []}
+    for item in ckpts:
+        name, path = item.split("=", 1)
+        model, sde = load(path)
+        k = te.reshape(-1, 1, 8, 8) if len(model.spec["data_shape"]) == 3 else te
+        c0 = time.process_time()
+        r = bpd(model, sde, k, a.test_probes, 4321, a.rtol)
+        per[name] = r.bpd.double()
+        out["models"][name] = {"ckpt": path, "mean": r.mean, "se": r.stderr, "nfe": r.nfe, "cpu_s": time.process_time() - c0,
+                               "bpd": r.bpd.tolist()}
+        print(f"{name}: {r.mean:.4f} +- {r.stderr:.4f} (NFE {r.nfe})", flush=True)
+    names = list(per)
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            d = per[x] - per[y]
+            out["differences"].append({"a": x, "b": y, "mean": float(d.mean()), "se": float(d.std() / math.sqrt(len(d)))})
+            print(f"{x} - {y}: {float(d.mean()):+.4f} +- {float(d.std() / math.sqrt(len(d))):.4f}", flush=True)
     return out
 
 
@@ -386,6 +438,9 @@ def write_tables(out: str, runs: list[dict], previous: list[dict] | None = None,
 
     lines += [model_line(r) for r in rows]
     lines += ["", "Steps/s: optimiser steps per CPU second of training, validation evaluations excluded; train CPU min includes them.", ""]
+    if all("model_cpu_s" in r for r in rows):
+        lines += ["CPU minutes per model in all (training, test bits/dim, ELBO, samples): " +
+                  ", ".join(f"{label(r)} {r['model_cpu_s'] / 60:.1f}" for r in rows) + ".", ""]
     for r in rows:
         if "test_elbo_bpd" in r:
             lines.append(f"DDPM discrete ELBO (all 1000 terms, large variance) on the test split: "
@@ -408,7 +463,7 @@ def write_tables(out: str, runs: list[dict], previous: list[dict] | None = None,
     if previous:
         prev = _model_rows(previous)
         lines += ["", f"Previous table for comparison ({previous_name}; {', '.join(sorted({_net(r) for r in prev}))}, "
-                  "its own recipe, below; same data, split, baselines and bits/dim evaluation):", "", header,
+                  "recipes in that file's .md; same data, split, baselines and bits/dim evaluation; no sample-quality numbers there):", "", header,
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         lines += [model_line(r) for r in prev]
         for r in prev:
@@ -416,7 +471,7 @@ def write_tables(out: str, runs: list[dict], previous: list[dict] | None = None,
                 lines.append(f"\nDDPM discrete ELBO there: {r['test_elbo_bpd']:.3f} +- {r['test_elbo_se']:.3f} bits/dim.")
     lines += ["", "Recipes:", ""]
     for r in rows:
-        lines.append(f"- {label(r)}: " + ", ".join(f"{k} {v}" for k, v in r["recipe"].items()))
+        lines.append(f"- {label(r)}: " + ", ".join(f"{k} {v}" for k, v in _recipe(r).items()))
     lines += ["", "Validation curves (step: val bpd):", ""]
     for r in rows:
         lines.append(f"- {label(r)}: " + ", ".join(f"{s}: {v:.3f}" for s, v in r["val_curve"]))
@@ -473,11 +528,20 @@ def main(argv=None):
     p.add_argument("--collate", nargs="+", default=None, help="only merge these OUT.json files into --out .md/.csv")
     p.add_argument("--previous", default=None, help="with --collate: a collated .json whose rows the .md lists in a second table")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--paired", nargs="+", default=None, metavar="LABEL=CKPT",
+                   help="only score these checkpoints on the test split with shared noise (--test-probes, --rtol) and write "
+                        "paired differences to --out.json")
     p.add_argument("--reevaluate", default=None, help="OUT.json of a finished run: choose eps on val for --models, rescore test")
     p.add_argument("--eval-stds", nargs="+", type=float, default=[0.005, 0.01, 0.02, 0.04],
                    help="candidate perturbation stds s(eps) for --reevaluate")
     a = p.parse_args(argv)
 
+    if a.paired:
+        if not a.out:
+            p.error("--paired needs --out")
+        te = load_dataset("digits", "test").x.reshape(-1, 64).long()
+        Path(a.out + ".json").write_text(json.dumps(paired(a.paired, a, te), indent=1))
+        return
     if a.reevaluate:
         flat = lambda s: load_dataset("digits", s).x.reshape(-1, 64).long()
         va, te = flat("val"), flat("test")
