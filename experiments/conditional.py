@@ -90,13 +90,10 @@ def null_label(run, n: int, seed: int) -> dict:
 
 def classifier_curve(run, clf_path: Path, weights, n: int, seed: int) -> list:
     from scoresde.classifier import load_classifier
-    from scoresde.samplers.guidance import classifier_guided_score_fn, model_label_score
+    from scoresde.samplers.guidance import classifier_guided_score_fn
 
     clf = load_classifier(clf_path).eval()
-    cond = model_label_score(run.model)
-
-    def uncond(x, t):  # the same network's null-label score: the unconditional model classifier guidance needs
-        return cond(x, t, torch.full((x.shape[0],), NUM_CLASSES, dtype=torch.long))
+    uncond = run.model.guided_score_fn(NUM_CLASSES)  # the same network's null-label score: the unconditional model
 
     rows = []
     for w in weights:
@@ -118,18 +115,13 @@ def train_classifier(workdir: Path) -> tuple[Path, dict]:
 def inpainting(run, n: int, per_input: int, seed: int, steps: int) -> tuple[dict, torch.Tensor]:
     """Top half known: ``n`` completions of the first ``n`` test images (FD against the test split) and a figure
     block of ``per_input`` samples for 8 inputs."""
-    from scoresde.samplers.guidance import model_label_score
     from scoresde.samplers.inpaint import inpaint
 
     test = load_split(run.data, "test", seed=run.seed)
     y = reference_samples(test, run.data, seed=stream_seed(seed, 4), dtype=torch.float32, device="cpu")[:n]
     mask = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
     mask[..., :4, :] = True
-    cond = model_label_score(run.model)
-
-    def uncond(x, t):
-        return cond(x, t, torch.full((x.shape[0],), NUM_CLASSES, dtype=torch.long))
-
+    uncond = run.model.guided_score_fn(NUM_CLASSES)  # the null label: the model's unconditional score
     t0 = time.perf_counter()
     res = inpaint(uncond, run.sde, y, mask.expand_as(y), method="pc", steps=steps,
                   generator=torch.Generator().manual_seed(seed))

@@ -428,7 +428,7 @@ def validate(cfg):
         opts = _group_kwargs(c.sampler, "method")
         _library_check("sampler", lambda: samplers.check_method_options(c.sampler.method, opts), list(opts))
         try:
-            guidance_options(c).check()
+            GuidanceOptions.of(c).check()
         except ValueError as e:
             raise ConfigError(str(e)) from None
     elif isinstance(c, CompareAppConfig):
@@ -458,11 +458,6 @@ def _options_app(cfg, cls):
         return obj.check() if hasattr(obj, "check") else obj
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
-
-
-def guidance_options(c) -> GuidanceOptions:
-    """The conditional-sampling options of a ``scoresde-sample`` config."""
-    return GuidanceOptions(guidance=c.guidance, class_label=c.class_label, classifier=c.classifier)
 
 
 def to_plain(obj) -> Any:

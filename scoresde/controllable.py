@@ -173,13 +173,10 @@ def _score(run, class_label: Optional[int]):
             raise ValueError("class_label needs a class-conditional model (trained with model.num_classes); this one is "
                              "unconditional")
         return run.score_fn
-    from .samplers.guidance import model_label_score
-
     label = k if class_label is None else class_label
     if label > k:
         raise ValueError(f"class_label must lie in [0, {k - 1}] or be {k} (the null label); got {label}")
-    cond = model_label_score(run.model)
-    return lambda x, t: cond(x, t, torch.full((x.shape[0],), label, dtype=torch.long, device=x.device))
+    return run.model.guided_score_fn(label)
 
 
 def _figure(inputs, shown, completions, path: Path, centered: bool) -> None:

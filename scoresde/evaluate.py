@@ -122,6 +122,12 @@ class GuidanceOptions:
             raise ValueError(f"classifier: no such file or directory: {self.classifier!r}")
         return self
 
+    @classmethod
+    def of(cls, c) -> "GuidanceOptions":
+        """The conditional-sampling options of an app config ``c`` (its ``guidance``, ``class_label``, ``classifier``;
+        the defaults where it has none)."""
+        return cls(getattr(c, "guidance", 0.0), getattr(c, "class_label", None), getattr(c, "classifier", None))
+
     @property
     def active(self) -> bool:
         return self.guidance != 0 or self.class_label is not None or self.classifier is not None

@@ -87,11 +87,8 @@ class ScoreModel(nn.Module):
     @property
     def num_classes(self):
         """The network's number of classes (``class_labels`` in ``[0, K]``, ``K`` the null label) or ``None`` for an
-        unconditional network; read from ``net.num_classes`` (also through a ``Flatten`` / DDP ``module`` wrapper)."""
-        net = self.net
-        while getattr(net, "num_classes", None) is None and isinstance(getattr(net, "module", getattr(net, "net", None)), nn.Module):
-            net = getattr(net, "module", None) or net.net
-        return getattr(net, "num_classes", None)
+        unconditional network; read from ``net.num_classes`` (``build.Flatten`` passes its network's on)."""
+        return getattr(self.net, "num_classes", None)
 
     def extra_repr(self) -> str:
         return f"sde={self.sde!r}, parameterization={self.parameterization!r}, continuous={self.continuous}"

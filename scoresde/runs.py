@@ -893,8 +893,7 @@ def run_sample(c, outdir, progress: Optional[bool] = None) -> dict:
     and guided by ``c.guidance``, ``c.class_label``, ``c.classifier`` (``evaluate.GuidanceOptions``) where given."""
     from .evaluate import GuidanceOptions
 
-    guide = GuidanceOptions(getattr(c, "guidance", 0.0), getattr(c, "class_label", None), getattr(c, "classifier", None))
-    return _evaluate_saved_run(c, outdir, progress, c.sampler, do_nll=False, guidance=guide)
+    return _evaluate_saved_run(c, outdir, progress, c.sampler, do_nll=False, guidance=GuidanceOptions.of(c))
 
 
 def run_nll(c, outdir, progress: Optional[bool] = None) -> dict:
