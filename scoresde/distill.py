@@ -53,7 +53,8 @@ __all__ = [
     "sample_student", "ProgressiveOptions", "progressive_distillation", "DistillOptions", "run_distill", "mixture_2d",
     "ConsistencyModel", "consistency_loss", "ct_schedule", "sample_consistency", "teacher_eps_from_score", "consistency_times",
     "ict_schedule", "lognormal_interval_probs", "improved_ct_loss", "TeacherRun", "load_teacher_run", "teacher_training_data",
-    "student_network", "clipped", "quality_scorer", "evaluate_sets", "TEACHERS", "NON_DEFINING",
+    "student_network", "clipped", "quality_scorer", "evaluate_sets", "TEACHERS", "NON_DEFINING", "TEACHER_SOLVERS", "solver_points",
+    "teacher_solve",
 ]
 
 PARAMETERIZATIONS = ("v", "x")
@@ -162,30 +163,73 @@ def _table(sde, grid, z):
     return m.to(device=z.device, dtype=z.dtype), s.to(device=z.device, dtype=z.dtype)
 
 
+# --- the teacher's steps ----------------------------------------------------------------------------------
+TEACHER_SOLVERS = ("ddim", "midpoint")
+
+
+def solver_points(solver: str) -> int:
+    """Grid points per teacher step (= NFE per step): ``ddim`` 1, ``midpoint`` 2 (the step and its log-SNR midpoint)."""
+    return 2 if check_choice("solver", solver, TEACHER_SOLVERS) == "midpoint" else 1
+
+
+def _midpoint_weight(m, s, a, b, e):
+    """``1 / (2 r)`` with ``r = (lambda_b - lambda_a) / (lambda_e - lambda_a)``, ``lambda = log(m / s)`` (DPM-Solver++(2S));
+    1 where ``s_e = 0`` (a last step to ``t = 0``, ``lambda_e`` infinite: the intermediate data prediction alone)."""
+    lam = lambda k: torch.log(m[k]) - torch.log(s[k])  # noqa: E731
+    la, lb, le = lam(a), lam(b), lam(e)
+    return torch.where(s[e] > 0, (le - la) / (2 * (lb - la)), torch.ones_like(la))
+
+
+def teacher_solve(x0_fn: X0Fn, z: torch.Tensor, grid: torch.Tensor, m: torch.Tensor, s: torch.Tensor, i: torch.Tensor,
+                  steps: int, solver: str = "ddim") -> torch.Tensor:
+    """``steps`` teacher steps from ``z`` at ``grid[i]`` (row-wise: ``i (B,)`` indexes ``grid``, ``m``, ``s``, each ``(K,)``)
+    to ``grid[i + steps p]`` (``p = solver_points(solver)``); shape of ``z``. ``ddim``: one DDIM step per grid point.
+    ``midpoint``: DPM-Solver++(2S) (Lu et al. 2022, Alg. 1) in data prediction, the points ``a, b, e`` of each step being
+    its start, intermediate and end::
+
+        z_b = DDIM(x_hat(z_a, t_a); a -> b),  D = (1 - 1/(2r)) x_hat(z_a, t_a) + (1/(2r)) x_hat(z_b, t_b),  z_e = DDIM(D; a -> e)
+
+    with ``r`` the intermediate point's fraction of the step in log-SNR (``1/2`` on a log-SNR grid: ``D = x_hat(z_b)``);
+    second order, against DDIM's first."""
+    p = solver_points(solver)
+    c = lambda v, k: batch_broadcast(v[i + k], z)  # noqa: E731  coefficient k points after t, broadcast
+    for j in range(steps):
+        a = p * j
+        x_a = x0_fn(z, grid[i + a])
+        if p == 1:
+            z = _ddim(x_a, z, c(m, a), c(s, a), c(m, a + 1), c(s, a + 1))
+            continue
+        b, e = a + 1, a + 2
+        z_b = _ddim(x_a, z, c(m, a), c(s, a), c(m, b), c(s, b))
+        w = batch_broadcast(_midpoint_weight(m, s, i + a, i + b, i + e), z)
+        d = (1 - w) * x_a + w * x0_fn(z_b, grid[i + b])
+        z = _ddim(d, z, c(m, a), c(s, a), c(m, e), c(s, e))
+    return z
+
+
 # --- one round's loss ------------------------------------------------------------------------------------
 def progressive_loss(teacher_x0: X0Fn, sde: SDE, student_steps: int, teacher_per_step: int = 2, eps: Optional[float] = None,
-                     schedule: str = "logSNR"):
+                     schedule: str = "logSNR", solver: str = "ddim"):
     """``loss_fn(student, x, generator) -> scalar`` of one round (module docstring) for ``scoresde.train``.
 
     The student's step ``i ~ U{0..N-1}`` goes from ``t = g_N[i]`` to ``g_N[i+1]``; the teacher takes
-    ``teacher_per_step`` (1 or 2) DDIM steps on the nested grid ``g_{N teacher_per_step}``; ``x (B, *dims)``."""
-    check_choice("teacher_per_step", teacher_per_step, (1, 2))
-    fine = distill_grid(sde, student_steps * teacher_per_step, eps, schedule)
+    ``teacher_per_step`` steps of ``solver`` (``teacher_solve``) on the nested grid ``g_{N K}``, ``K = teacher_per_step
+    solver_points(solver)``; ``x (B, *dims)``. Salimans & Ho's rounds: 1 DDIM step (round 0), 2 (halving)."""
+    check_int("teacher_per_step", teacher_per_step)
+    K = teacher_per_step * solver_points(solver)
+    fine = distill_grid(sde, student_steps * K, eps, schedule)
 
     def loss_fn(student: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         B = x.shape[0]
         m, s = _table(sde, fine, x)
         grid = fine.to(device=x.device, dtype=x.dtype)
-        i = torch.randint(0, student_steps, (B,), generator=generator, device=x.device) * teacher_per_step
+        i = torch.randint(0, student_steps, (B,), generator=generator, device=x.device) * K
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         c = lambda v, k: batch_broadcast(v[i + k], x)  # noqa: E731  coefficient k fine steps after t, broadcast
         z = c(m, 0) * x + c(s, 0) * noise
         t = grid[i]
         with torch.no_grad():
-            zz = z
-            for k in range(teacher_per_step):
-                zz = _ddim(teacher_x0(zz, grid[i + k]), zz, c(m, k), c(s, k), c(m, k + 1), c(s, k + 1))
-            K = teacher_per_step
+            zz = teacher_solve(teacher_x0, z, grid, m, s, i, teacher_per_step, solver)
             x_tilde = one_step_target(z, zz, c(m, 0), c(s, 0), c(m, K), c(s, K))
             w = torch.clamp(m[i] ** 2 / s[i] ** 2, min=1.0)
         err = (student.x0(z, t) - x_tilde).pow(2).reshape(B, -1).mean(1)
@@ -197,22 +241,30 @@ def progressive_loss(teacher_x0: X0Fn, sde: SDE, student_steps: int, teacher_per
 @torch.no_grad()
 def sample_student(x0_fn: X0Fn, sde: SDE, steps: int, shape, generator: Optional[torch.Generator] = None, eps: Optional[float] = None,
                    schedule: str = "logSNR", device=None, dtype=torch.float32, x_T: Optional[torch.Tensor] = None,
-                   clip: Optional[tuple] = None) -> tuple[torch.Tensor, int]:
+                   clip: Optional[tuple] = None, substeps: int = 1, solver: str = "ddim") -> tuple[torch.Tensor, int]:
     """DDIM with the data prediction ``x0_fn`` (a ``Student``'s ``x0`` or a teacher; clamped to ``clip = (lo, hi)`` when
     given, see ``clipped``) on ``distill_grid``: from ``z_T ~ N(0, I)`` (``shape = (B, *dims)``) to
-    ``x = x_hat(z_{t_{N-1}}, t_{N-1})`` at ``t = 0``. Returns the samples and the NFE (``steps``, counted)."""
+    ``x = x_hat(z_{t_{N-1}}, t_{N-1})`` at ``t = 0``. ``substeps`` steps of ``solver`` per grid step (``teacher_solve``;
+    default one DDIM step): the trajectory that a round with ``teacher_per_step = substeps`` fits, step for step.
+    Returns the samples and the NFE (``steps substeps solver_points(solver)``, counted)."""
     check_int("steps", steps)
+    check_int("substeps", substeps)
     x0_fn = clipped(x0_fn, clip)
-    grid = distill_grid(sde, steps, eps, schedule)
+    K = substeps * solver_points(solver)
+    grid = distill_grid(sde, steps * K, eps, schedule)
     z = x_T if x_T is not None else sde.prior_std * torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     m, s = _table(sde, grid, z)
-    nfe = 0
+    g = grid.to(device=z.device, dtype=z.dtype)
+    calls = []
+
+    def counted(zz, tt):
+        calls.append(1)
+        return x0_fn(zz, tt)
+
     for k in range(steps):
-        t = torch.full((z.shape[0],), float(grid[k]), device=z.device, dtype=z.dtype)
-        x_hat = x0_fn(z, t)
-        nfe += 1
-        z = _ddim(x_hat, z, m[k], s[k], m[k + 1], s[k + 1])
-    return z, nfe
+        i = torch.full((z.shape[0],), k * K, device=z.device, dtype=torch.long)
+        z = teacher_solve(counted, z, g, m, s, i, substeps, solver)
+    return z, len(calls)
 
 
 # --- the schedule of rounds --------------------------------------------------------------------------------
@@ -222,7 +274,12 @@ class ProgressiveOptions:
     then halve down to ``final_steps``; grid ``distill_grid(sde, ., eps, schedule)``; ``train``: the options of every
     round's ``scoresde.train.train`` call (``n_steps`` per round; ``first_round_steps``: round 0's instead, ``None``: the
     same). ``clip = (lo, hi)``: every teacher's data prediction (the given teacher's, then each round's student's) is
-    clamped to the data range before its DDIM steps make the targets (``clipped``; ``None``: not clamped)."""
+    clamped to the data range before its DDIM steps make the targets (``clipped``; ``None``: not clamped).
+    ``first_round_substeps`` steps of ``first_round_solver`` (``teacher_solve``) make round 0's target for each student
+    step (default 1 DDIM step: the teacher's own data prediction on the ``start_steps`` grid, as in Salimans & Ho 2022):
+    more substeps, or the second-order ``midpoint``, let round 0 fit an accurate solution of the teacher's ODE instead of
+    its ``start_steps``-step DDIM (the halving rounds' teachers are students, exact on their own grids only: 2 DDIM steps).
+    """
 
     start_steps: int = 64
     final_steps: int = 1
@@ -230,6 +287,8 @@ class ProgressiveOptions:
     schedule: str = "logSNR"
     clip: Optional[tuple] = None
     first_round_steps: Optional[int] = None
+    first_round_substeps: int = 1
+    first_round_solver: str = "ddim"
     train: TrainOptions = field(default_factory=lambda: TrainOptions(n_steps=2000, batch_size=256, lr=1e-3, warmup=0,
                                                                      ema_rate=0.999, log_every=500))
 
@@ -250,6 +309,8 @@ class ProgressiveOptions:
             raise TypeError(f"train must be a TrainOptions; got {type(self.train).__name__}")
         if self.first_round_steps is not None:
             self.first_round_steps = check_int("first_round_steps", self.first_round_steps)
+        check_int("first_round_substeps", self.first_round_substeps)
+        check_choice("first_round_solver", self.first_round_solver, TEACHER_SOLVERS)
 
     def round_train(self, k: int) -> TrainOptions:
         """The ``TrainOptions`` of round ``k``: ``train``, with ``n_steps = first_round_steps`` for round 0 when set."""
@@ -257,12 +318,13 @@ class ProgressiveOptions:
             return dataclasses.replace(self.train, n_steps=self.first_round_steps)
         return self.train
 
-    def rounds(self) -> list[tuple[int, int]]:
-        """``[(student_steps, teacher_per_step), ...]``: ``(start, 1)``, ``(start/2, 2)``, ... ``(final, 2)``."""
-        out, n = [(self.start_steps, 1)], self.start_steps
+    def rounds(self) -> list[tuple[int, int, str]]:
+        """``[(student_steps, teacher_per_step, solver), ...]``: ``(start, first_round_substeps, first_round_solver)``,
+        ``(start/2, 2, "ddim")``, ... ``(final, 2, "ddim")``."""
+        out, n = [(self.start_steps, self.first_round_substeps, self.first_round_solver)], self.start_steps
         while n > self.final_steps:
             n //= 2
-            out.append((n, 2))
+            out.append((n, 2, "ddim"))
         return out
 
 
@@ -280,7 +342,7 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
     generator) -> x`` (``scoresde.train``'s): turns a raw batch into such examples, e.g. dequantises integer images
     (``None``: ``data`` are used as they are).
     ``eval_fn(student_ema, steps) -> dict``, when given, is called after each round. Returns one record per round:
-    ``{"round", "steps", "teacher_per_step", "train_steps", "seconds", **eval}`` (``seconds`` of this call's
+    ``{"round", "steps", "teacher_per_step", "teacher_solver", "train_steps", "seconds", **eval}`` (``seconds`` of this call's
     training; 0 for a round reloaded finished); ``workdir/rounds.jsonl`` is rewritten after every round, so a stopped
     distillation leaves the records of its finished rounds."""
     _check_sde(sde)
@@ -290,8 +352,8 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
         raise TypeError(f"options must be a ProgressiveOptions; got {type(options).__name__}")
     workdir = Path(workdir)
     records, teacher = [], clipped(teacher_x0, options.clip)
-    for k, (steps, per) in enumerate(options.rounds()):
-        loss_fn = progressive_loss(teacher, sde, steps, per, options.eps, options.schedule)
+    for k, (steps, per, solver) in enumerate(options.rounds()):
+        loss_fn = progressive_loss(teacher, sde, steps, per, options.eps, options.schedule, solver)
         t0 = time.perf_counter()
         result = train(student, loss_fn, data, options.round_train(k), workdir / f"round_{k:02d}", prepare=prepare,
                        resume=resume, progress=progress)
@@ -299,7 +361,7 @@ def progressive_distillation(teacher_x0: X0Fn, sde: SDE, student: Student, data:
         ema = _ema_module(result)
         student.load_state_dict(ema.state_dict())  # the next round's student starts from this round's EMA weights
         teacher = clipped(ema.x0, options.clip)
-        rec = {"round": k, "steps": steps, "teacher_per_step": per, "train_steps": result.step, "seconds": round(seconds, 2)}
+        rec = {"round": k, "steps": steps, "teacher_per_step": per, "teacher_solver": solver, "train_steps": result.step, "seconds": round(seconds, 2)}
         if eval_fn is not None:
             rec.update(eval_fn(ema, steps))
         records.append(rec)
@@ -634,6 +696,9 @@ class DistillOptions:
     floor. ``n_steps``, ``batch_size``, ``lr``, ``ema_rate``, ``checkpoint_every``: every round's training
     (``scoresde.train``); ``first_round_steps``: round 0's ``n_steps`` instead (progressive only; ``None``: ``n_steps``):
     round 0 converts the teacher's parameterisation into the student's and may need more steps than a halving round.
+    ``first_round_substeps`` steps of ``first_round_solver`` (``ddim`` or the second-order ``midpoint``) make round 0's
+    target per student step (progressive only; default 1 DDIM step, Salimans & Ho): an accurate solution of the teacher's
+    ODE on the ``start_steps`` grid rather than its ``start_steps``-step DDIM (``ProgressiveOptions``).
     ``workdir``: the run directory (resumed when it exists; refused when it holds a distillation with other run-defining
     options or another teacher checkpoint).
 
@@ -663,6 +728,8 @@ class DistillOptions:
     eval_sets: int = 1
     n_steps: int = 2000
     first_round_steps: Optional[int] = None
+    first_round_substeps: int = 1
+    first_round_solver: str = "ddim"
     batch_size: int = 256
     lr: float = 1e-3
     ema_rate: float = 0.999
@@ -708,6 +775,11 @@ class DistillOptions:
             check_int("first_round_steps", self.first_round_steps)
             if self.method != "progressive":
                 raise ValueError(f"first_round_steps applies to method='progressive' (its round 0); got method={self.method!r}")
+        check_int("first_round_substeps", self.first_round_substeps)
+        check_choice("first_round_solver", self.first_round_solver, TEACHER_SOLVERS)
+        if self.method != "progressive" and (self.first_round_substeps, self.first_round_solver) != (1, "ddim"):
+            raise ValueError(f"first_round_substeps / first_round_solver apply to method='progressive' (its round 0); got "
+                             f"method={self.method!r}")
         check_positive("ict_p_std", self.ict_p_std)
         if isinstance(self.ict_p_mean, bool) or not isinstance(self.ict_p_mean, (int, float)) or not math.isfinite(self.ict_p_mean):
             raise ValueError(f"ict_p_mean must be a finite number; got {self.ict_p_mean!r}")
@@ -896,7 +968,8 @@ def run_distill(options: DistillOptions) -> list[dict]:
 def _run_progressive(o: DistillOptions, st: _Setup, tr: TrainOptions) -> list[dict]:
     student = Student(st.net, st.sde, o.parameterization)
     popts = ProgressiveOptions(start_steps=o.start_steps, final_steps=o.final_steps, eps=o.eps, schedule=o.schedule, clip=st.clip,
-                               first_round_steps=o.first_round_steps, train=tr)
+                               first_round_steps=o.first_round_steps, first_round_substeps=o.first_round_substeps,
+                               first_round_solver=o.first_round_solver, train=tr)
     p = next(st.net.parameters())
 
     def eval_fn(ema, steps):

@@ -13,7 +13,7 @@ from scoresde import SubVPSDE, VESDE, VPSDE
 from scoresde.build import build_net
 from scoresde.distill import (
     DistillOptions, ProgressiveOptions, Student, _ddim, distill_grid, mixture_2d, one_step_target, progressive_distillation,
-    progressive_loss, run_distill, sample_student, teacher_from_score,
+    progressive_loss, run_distill, sample_student, teacher_from_score, teacher_solve,
 )
 from scoresde.train_options import TrainOptions
 
@@ -76,6 +76,77 @@ def test_student_parameterisations_and_score(par):
     assert nfe == 4 and x.shape == (7, 2) and torch.isfinite(x).all()
 
 
+@pytest.mark.parametrize("name", ["vp", "subvp"])
+@pytest.mark.parametrize("schedule", ["logSNR", "time_uniform"])
+def test_teacher_solvers_converge_at_their_orders(name, schedule):
+    """``teacher_solve`` from ``T`` to ``eps`` against the PF-ODE solution (rtol = atol = 1e-11) of the oracle: DDIM of
+    order 1, the midpoint solver (DPM-Solver++(2S)) of order 2, also on a time-uniform grid, where the intermediate
+    point is not the log-SNR midpoint and the ``1 / (2r)`` weighting is needed for the second order."""
+    import numpy as np
+    from test_samplers import pf_reference
+
+    from scoresde.samplers._common import end_time, time_grid
+
+    sde, sf, xT, ref = pf_reference(name)
+    x0 = teacher_from_score(sf, sde)
+    i = torch.zeros(xT.shape[0], dtype=torch.long)
+    for solver, steps, order in (("ddim", [40, 80, 160], 1), ("midpoint", [20, 40, 80], 2)):
+        errs = []
+        for n in steps:
+            p = 2 if solver == "midpoint" else 1
+            grid = time_grid(sde, n * p, end_time(sde, None), schedule)
+            m, s = sde.marginal_coef(grid)
+            errs.append(float((teacher_solve(x0, xT, grid, m, s, i, n, solver) - ref).abs().max()))
+        slope = -np.polyfit(np.log(steps), np.log(errs), 1)[0]
+        assert abs(slope - order) <= 0.3, f"{name} {schedule} {solver}: fitted order {slope:.2f}, expected {order} ({errs})"
+
+
+def test_substeps_are_the_finer_grid():
+    """``sample_student`` with ``substeps`` k of DDIM is DDIM on the k-times finer nested grid, bitwise; the midpoint
+    solver's trajectory depends only on the number of solver steps in all (4 x 8 = 8 x 4), and the NFE are counted."""
+    sde, gm = VPSDE(), mixture_2d()
+    x0 = teacher_from_score(gm.score_fn(sde), sde)
+    xT = torch.randn(9, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    a, na = sample_student(x0, sde, 4, (9, 2), x_T=xT, substeps=8)
+    b, nb = sample_student(x0, sde, 32, (9, 2), x_T=xT)
+    assert torch.equal(a, b) and na == nb == 32
+    c, nc = sample_student(x0, sde, 4, (9, 2), x_T=xT, substeps=8, solver="midpoint")
+    d, nd = sample_student(x0, sde, 8, (9, 2), x_T=xT, substeps=4, solver="midpoint")
+    torch.testing.assert_close(c, d, rtol=1e-12, atol=1e-12)
+    assert nc == nd == 64
+    with pytest.raises(ValueError, match="solver"):
+        sample_student(x0, sde, 4, (9, 2), x_T=xT, solver="rk4")
+
+
+def test_round0_with_substeps_fits_the_solver_trajectory(tmp_path):
+    """Round 0 with ``first_round_substeps`` / ``first_round_solver``: a student equal to the one-step target of the
+    teacher's substeps has zero loss; the record names the round's teacher steps and solver; the later rounds keep
+    2 DDIM steps."""
+    sde, gm = VPSDE(), mixture_2d()
+    teacher = teacher_from_score(gm.score_fn(sde), sde)
+    x = gm.sample(64, torch.Generator().manual_seed(0), dtype=F64)
+    fine = distill_grid(sde, 4 * 3 * 2)
+    m, s = sde.marginal_coef(fine)
+
+    class Perfect(torch.nn.Module):  # the one-step target of 3 midpoint steps, from an independent loop over the rows
+        def x0(self, z, t):
+            out = torch.empty_like(z)
+            for r in range(z.shape[0]):
+                k = int(torch.nonzero(torch.isclose(fine, t[r].double()))[0])
+                zz = teacher_solve(teacher, z[r:r + 1], fine, m, s, torch.tensor([k]), 3, "midpoint")
+                out[r] = one_step_target(z[r], zz[0], m[k], s[k], m[k + 6], s[k + 6])
+            return out
+
+    loss = progressive_loss(teacher, sde, 4, 3, solver="midpoint")(Perfect(), x, torch.Generator().manual_seed(1))
+    assert float(loss) < 1e-18
+    data = gm.sample(256, torch.Generator().manual_seed(0), dtype=torch.float32)
+    st = Student(build_net("mlp", (2,), hidden=16, depth=1, seed=3), sde, "v")
+    tr = TrainOptions(n_steps=3, batch_size=16, lr=1e-3, warmup=0, ema_rate=0.9, log_every=5)
+    opts = ProgressiveOptions(start_steps=4, final_steps=2, train=tr, first_round_substeps=3, first_round_solver="midpoint")
+    recs = progressive_distillation(teacher, sde, st, data, opts, tmp_path)
+    assert [(r["steps"], r["teacher_per_step"], r["teacher_solver"]) for r in recs] == [(4, 3, "midpoint"), (2, 2, "ddim")]
+
+
 def _tiny(final_steps, n_steps, workdir, checkpoint_every=0, first_round_steps=None):
     sde, gm = VPSDE(), mixture_2d()
     data = gm.sample(512, torch.Generator().manual_seed(0), dtype=torch.float32)
@@ -118,6 +189,7 @@ def test_first_round_steps_lengthens_round_0_only(tmp_path):
 
 @pytest.mark.parametrize("kw,match", [
     ({"first_round_steps": 0}, "first_round_steps"), ({"first_round_steps": 2.5}, "first_round_steps"),
+    ({"first_round_substeps": 0}, "first_round_substeps"), ({"first_round_solver": "heun"}, "first_round_solver"),
     ({"start_steps": 6}, "start_steps"),
     ({"final_steps": 8, "start_steps": 4}, "final_steps"),
     ({"schedule": "karras"}, "schedule"),
@@ -133,6 +205,8 @@ def test_progressive_options_validate(kw, match):
     ({"mixture": "moons"}, "mixture"), ({"first_round_steps": 0}, "first_round_steps"),
     ({"first_round_steps": True}, "first_round_steps"),
     ({"first_round_steps": 10, "method": "consistency_training"}, "first_round_steps"),
+    ({"first_round_substeps": True}, "first_round_substeps"), ({"first_round_solver": "rk4"}, "first_round_solver"),
+    ({"first_round_solver": "midpoint", "method": "consistency_distillation"}, "first_round_solver"),
 ])
 def test_distill_options_validate(kw, match):
     with pytest.raises(ValueError, match=match):
