@@ -65,6 +65,15 @@ def _short(q: dict) -> dict:
     return {k: q[k] for k in ("nfe", *KEYS, "fd_sets") if k in q}
 
 
+@torch.no_grad()
+def grid_quality(teacher, score, steps, n, sets, clip, substeps=1, solver="ddim", seed=0) -> dict:
+    """FD / precision / recall of the teacher's own sampler on the ``steps``-step distillation grid (``sample_student``:
+    ``substeps`` steps of ``solver`` per grid step; data predictions clamped to ``clip`` as in the distillation)."""
+    draw = lambda g: sample_student(teacher.model.denoise_fn, teacher.sde, steps, (n, *teacher.shape), g, clip=clip,  # noqa: E731
+                                    substeps=substeps, solver=solver)
+    return _short(evaluate_sets(draw, score, sets, seed))
+
+
 def evaluate_teacher(teacher, steps_list, n, sets, clip, seed=0) -> dict:
     """FD / precision / recall of the teacher at 20 NFE with the training-free samplers and with its own DDIM on the
     distillation grid at each of ``steps_list`` (its data prediction clamped to ``clip`` as in the distillation)."""
@@ -77,11 +86,19 @@ def evaluate_teacher(teacher, steps_list, n, sets, clip, seed=0) -> dict:
                                                                 generator=g, **opts))
             out["samplers"][label] = _short(evaluate_sets(draw, score, sets, seed))
             print("teacher", label, out["samplers"][label]["fd"], flush=True)
-        for steps in steps_list:
-            draw = lambda g: sample_student(model.denoise_fn, sde, steps, (n, *shape), g, clip=clip)  # noqa: E731
-            out["ddim_grid"][steps] = _short(evaluate_sets(draw, score, sets, seed))
-            print("teacher DDIM grid", steps, out["ddim_grid"][steps]["fd"], flush=True)
+    for steps in steps_list:
+        out["ddim_grid"][str(steps)] = grid_quality(teacher, score, steps, n, sets, clip, seed=seed)
+        print("teacher DDIM grid", steps, out["ddim_grid"][str(steps)]["fd"], flush=True)
     return out
+
+
+def evaluate_target(teacher, args) -> dict:
+    """Round 0's target trajectory: the teacher's ``--first-round-substeps`` steps of ``--first-round-solver`` per step
+    of the ``--start-steps`` grid, judged like the students."""
+    q = grid_quality(teacher, quality_scorer(teacher, 0), args.start_steps, args.n, args.sets,
+                     teacher.data_range() if args.clip else None, args.first_round_substeps, args.first_round_solver)
+    print("round-0 target trajectory", q["nfe"], q["fd"], flush=True)
+    return q
 
 
 def fmt(q, key="fd"):
@@ -95,13 +112,15 @@ def write(res: dict, args, commit: str) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     stem = getattr(args, "out_name", None) or "distill_digits"
     r0 = getattr(args, "first_round_steps", None)
+    sub, solver = getattr(args, "first_round_substeps", 1), getattr(args, "first_round_solver", "ddim")
     (OUT / f"{stem}.json").write_text(json.dumps({"commit": commit, "args": vars(args), **res}, indent=1))
     t, st = res["teacher"], res.get("students", [])
     best_label = min(t["samplers"], key=lambda k: t["samplers"][k]["fd"])
     best = t["samplers"][best_label]["fd"]
     floor = t["samplers"][best_label]["fd_floor"]
     cmd = (f"OMP_NUM_THREADS=1 python experiments/distill_digits.py --start-steps {args.start_steps} --final-steps {args.final_steps} "
-           f"--n-steps {args.n_steps}" + (f" --first-round-steps {r0}" if r0 else "") + f" --lr {args.lr} --batch-size {args.batch_size} --sets {args.sets} --n {args.n}"
+           f"--n-steps {args.n_steps}" + (f" --first-round-steps {r0}" if r0 else "")
+           + (f" --first-round-substeps {sub} --first-round-solver {solver}" if (sub, solver) != (1, "ddim") else "") + f" --lr {args.lr} --batch-size {args.batch_size} --sets {args.sets} --n {args.n}"
            + ("" if args.clip else " --no-clip") + (f" --workdir {args.workdir}" if stem != "distill_digits" else "")
            + (f" --round0-from {args.round0_from}" if getattr(args, "round0_from", None) else "")
            + (f" --teacher-from {args.teacher_from}" if getattr(args, "teacher_from", None) else "")
@@ -126,9 +145,14 @@ def write(res: dict, args, commit: str) -> None:
           f"{t['samplers'][best_label]['recall_floor']:.3f}. The reference for the goal is the best of these: **{best_label}, "
           f"FD {best:.1f}**; 1.2x that is {1.2 * best:.1f}.", "",
           "## Students (progressive distillation, v-parameterisation, truncated-SNR weighting)", "",
-          f"Round 0 fits the student (the teacher's network, started from its weights) to the teacher's own data prediction on "
-          f"the {args.start_steps}-step grid (log-SNR uniform, last step to t = 0); each later round halves the steps (two "
-          f"teacher DDIM steps -> one). " + (f"Round 0 {r0} Adam steps, every later round {args.n_steps}" if r0 else
+          (f"Round 0 fits the student (the teacher's network, started from its weights) to the teacher's own data prediction on "
+             f"the {args.start_steps}-step grid (log-SNR uniform, last step to t = 0)" if (sub, solver) == (1, "ddim") else
+             f"Round 0 fits the student (the teacher's network, started from its weights) to an accurate solution of the "
+             f"teacher's probability-flow ODE across each step of the {args.start_steps}-step grid (log-SNR uniform, last step "
+             f"to t = 0): {sub} steps of {'DPM-Solver++(2S) (midpoint in log-SNR)' if solver == 'midpoint' else 'DDIM'} per "
+             f"student step ({sub * (2 if solver == 'midpoint' else 1)} teacher NFE per target; that trajectory sampled "
+             f"on its own: FD {fmt(res['target'])}, {res['target']['nfe']} NFE)" if res.get("target") else "")
+          + (f"; each later round halves the steps (two teacher DDIM steps -> one). " if args.start_steps > args.final_steps else ". ") + (f"Round 0 {r0} Adam steps, every later round {args.n_steps}" if r0 else
                                              f"Every round {args.n_steps} Adam steps") + f", batch {args.batch_size}, lr {args.lr}, EMA 0.999, "
           "on the dequantised training split. Beside each student: the teacher's own DDIM on the same grid (same NFE, no "
           "distillation)."
@@ -162,16 +186,19 @@ def write(res: dict, args, commit: str) -> None:
 
 def reuse_teacher(args, teacher, steps_list) -> dict:
     """The teacher block of ``--teacher-from``, after checking that it was made by the same teacher run with the same
-    evaluation (sets, n, clip) and holds every grid of ``steps_list``."""
+    evaluation (sets, n, clip); the teacher's DDIM on grids of ``steps_list`` it does not hold is evaluated here."""
     saved = json.loads(Path(args.teacher_from).read_text())
     a = saved["args"]
     same = {k: (a.get(k), getattr(args, k)) for k in ("teacher_run", "sets", "n", "clip") if a.get(k) != getattr(args, k)}
     if same:
         raise ValueError(f"--teacher-from {args.teacher_from}: made with other settings {same}")
-    missing = [s for s in steps_list if str(s) not in saved["teacher"]["ddim_grid"]]
-    if missing:
-        raise ValueError(f"--teacher-from {args.teacher_from}: no teacher DDIM numbers for steps {missing}")
-    return saved["teacher"]
+    out = saved["teacher"]
+    missing = [s for s in steps_list if str(s) not in out["ddim_grid"]]
+    score = quality_scorer(teacher, 0) if missing else None
+    for steps in missing:
+        out["ddim_grid"][str(steps)] = grid_quality(teacher, score, steps, args.n, args.sets, teacher.data_range() if args.clip else None)
+        print("teacher DDIM grid", steps, out["ddim_grid"][str(steps)]["fd"], flush=True)
+    return out
 
 
 def seed_round0(opts: DistillOptions, src: Path, teacher) -> dict:
@@ -214,6 +241,8 @@ def main():
     ap.add_argument("--no-clip", dest="clip", action="store_false", help="do not clamp data predictions to [-1, 1]")
     ap.add_argument("--n-steps", type=int, default=1200)
     ap.add_argument("--first-round-steps", type=int, default=None, help="round 0's Adam steps (default: --n-steps)")
+    ap.add_argument("--first-round-substeps", type=int, default=1, help="teacher steps per student step in round 0's target")
+    ap.add_argument("--first-round-solver", default="ddim", choices=("ddim", "midpoint"), help="the solver of those steps")
     ap.add_argument("--round0-from", default=None, help="a workdir whose round-0 checkpoint (a shorter round 0 of the same "
                     "options) this run's round 0 continues from")
     ap.add_argument("--teacher-from", default=None, help="an earlier results JSON of the same teacher run: reuse its teacher numbers")
@@ -240,9 +269,12 @@ def main():
     else:
         res["teacher"] = evaluate_teacher(teacher, steps_list, args.n, args.sets, teacher.data_range() if args.clip else None)
     opts = DistillOptions(teacher="run", teacher_run=str(args.teacher_run), start_steps=args.start_steps, final_steps=args.final_steps,
-                          n_steps=args.n_steps, first_round_steps=args.first_round_steps, batch_size=args.batch_size, lr=args.lr,
+                          n_steps=args.n_steps, first_round_steps=args.first_round_steps,
+                          first_round_substeps=args.first_round_substeps, first_round_solver=args.first_round_solver, batch_size=args.batch_size, lr=args.lr,
                           ema_rate=0.999, n_eval=args.n, eval_sets=args.sets, clip_x0=args.clip, checkpoint_every=200,
                           workdir=str(args.workdir), progress=False)
+    if (args.first_round_substeps, args.first_round_solver) != (1, "ddim"):
+        res["target"] = evaluate_target(teacher, args)
     if args.round0_from:
         res["round0_from"] = seed_round0(opts, Path(args.round0_from), teacher)
     write(res, args, commit)
