@@ -14,9 +14,12 @@ student of ``N`` steps to match two DDIM steps ``t -> t' -> t''`` of the teacher
     x_tilde = (z_t'' - (s_t''/s_t) z_t) / (m_t'' - (s_t''/s_t) m_t)       (the x_hat whose one step lands on z_t'')
     L = E_{x, i, eps} [ max(SNR(t), 1) |x_hat_theta(z_t, t) - x_tilde|^2 ],  SNR = m^2 / s^2  ("truncated SNR")
 
-Round 0 (``teacher_steps_per_step = 1``) fits the student to the teacher's own data prediction on the grid of
+Round 0 (``teacher_per_step = 1``) fits the student to the teacher's own data prediction on the grid of
 ``start_steps``; each later round halves the steps, the student starting from (and the teacher being) the previous
-round's EMA weights. The teacher is any data prediction ``x_hat(z, t)``: a ``ScoreModel``'s ``denoise_fn`` or
+round's EMA weights. Round 0 may instead fit ``first_round_substeps`` steps of an accurate solver of the teacher's ODE
+per student step (``teacher_solve``: DDIM, or the second-order ``midpoint`` DPM-Solver++(2S)), so that the students
+imitate the teacher's ODE solution rather than its ``start_steps``-step DDIM; ``start_steps = final_steps`` makes
+that the only round. The teacher is any data prediction ``x_hat(z, t)``: a ``ScoreModel``'s ``denoise_fn`` or
 Tweedie's formula on any ``score_fn`` (``teacher_from_score``), e.g. the Gaussian-mixture oracle's exact score.
 ``run_distill`` takes either the oracle or a trained run (``load_teacher_run``): then the student is the teacher's
 network class started from the teacher's weights (Salimans & Ho 2022), trained on the run's training split on the
